@@ -1,0 +1,407 @@
+"""Training recipes of the shipped ShapesWorld models (survey Part VI, native conditional training).
+
+    python -m studio train shapesworld --stage text-unet --minutes 60 --resume
+    python -m studio train shapesworld --stage flow --minutes 30 --resume
+    python -m studio train shapesworld --stage text-unet --export     # write assets/models/
+
+Stage `text-unet` trains the CLIP text encoder and the UNet jointly for v-prediction with
+10% caption dropout (so classifier-free guidance works):
+    L = E_{x0, c, t, eps} w(t) || v_theta(x_t, t, c) - v ||^2,  v = sqrt(abar) eps - sqrt(1 - abar) x0,
+with min-SNR-5 weighting w(t) = min(SNR, 5) / (SNR + 1). Stage `flow` starts from the
+diffusion UNet's EMA weights and trains the rectified-flow objective
+    L = E || v_theta(x_t, t, c) - (eps - x0) ||^2,  x_t = (1 - t) x0 + t eps,
+with t drawn from the same shifted grid that sampling uses; the text encoder stays frozen.
+
+Scenes are rendered on the fly from (data_seed, step), so resuming is exact. The resumable state
+(weights, EMA, optimizer, step, log) lives in `runs/shapesworld/<stage>/` (ignored by git) as
+safetensors + JSON; without it, `--resume` starts from the shipped weights with a fresh optimizer.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass, asdict
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import models
+from .codec import PixelUnshuffleCodec
+from .world import render, sample_scenes, sample_scene, caption
+
+ASSET_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "assets", "models")
+RUN_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "runs", "shapesworld")
+
+
+@dataclass
+class TrainConfig:
+    stage: str = "text-unet"
+    batch_size: int = 64
+    lr: float = 6e-4
+    warmup_steps: int = 250
+    ema_decay: float = 0.999
+    caption_dropout: float = 0.1
+    two_object_prob: float = 0.35
+    drop_prob: float = 0.2
+    min_snr_gamma: float = 5.0
+    data_seed: int = 1234
+    checkpoint_minutes: float = 5.0
+    eval_minutes: float = 15.0
+    eval_n: int = 64
+    weak_step: int = 1500  # EMA snapshot kept as AutoGuidance's weak model
+    threads: int = 0  # 0: torch default
+
+
+def _abs(p: str) -> str:
+    return os.path.abspath(p)
+
+
+def asset_path(name: str) -> str:
+    return _abs(os.path.join(ASSET_DIR, name))
+
+
+def run_path(stage: str) -> str:
+    return _abs(os.path.join(RUN_DIR, stage))
+
+
+# ----------------------------------------------------------------------------- data
+
+def batch_for_step(step: int, cfg: TrainConfig) -> tuple[torch.Tensor, list[str]]:
+    rng = random.Random(cfg.data_seed * 1_000_003 + step)
+    scenes = [sample_scene(rng, two_object_prob=cfg.two_object_prob, drop_prob=cfg.drop_prob) for _ in range(cfg.batch_size)]
+    imgs = np.stack([render(s) for s in scenes])
+    x = torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    caps = ["" if rng.random() < cfg.caption_dropout else caption(s) for s in scenes]
+    return x, caps
+
+
+def encode_text(tokenizer, text_encoder, captions: list[str]) -> torch.Tensor:
+    ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
+    return text_encoder(ids)[0]
+
+
+# ----------------------------------------------------------------------------- state
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, log=None):
+        from transformers import CLIPTextModel, CLIPTokenizer
+        from diffusers import UNet2DConditionModel
+
+        self.cfg = cfg
+        self.log = log or (lambda *a, **k: print(*a, flush=True))
+        self.codec = PixelUnshuffleCodec()
+        self.dir = run_path(cfg.stage)
+        os.makedirs(self.dir, exist_ok=True)
+        self.step = 0
+        self.elapsed = 0.0
+        self.history: list[dict] = []
+        base = asset_path("shapesworld")
+        if cfg.stage == "text-unet":
+            from .text import build_tokenizer, text_encoder_config
+
+            self.tokenizer = build_tokenizer()
+            torch.manual_seed(cfg.data_seed)
+            self.text_encoder = CLIPTextModel(text_encoder_config(len(self.tokenizer), models.TEXT_HIDDEN))
+            self.unet = models.make_unet()
+            self.scheduler = models.make_diffusion_scheduler()
+            self.train_text = True
+        elif cfg.stage == "flow":
+            self.tokenizer = CLIPTokenizer.from_pretrained(os.path.join(base, "tokenizer"))
+            self.text_encoder = CLIPTextModel.from_pretrained(os.path.join(base, "text_encoder"), torch_dtype=torch.float32)
+            self.unet = UNet2DConditionModel.from_pretrained(os.path.join(base, "unet"), torch_dtype=torch.float32)
+            self.scheduler = models.make_flow_scheduler()
+            self.train_text = False
+        else:
+            raise ValueError(f"unknown stage {cfg.stage!r} (text-unet | flow)")
+        self.text_encoder.requires_grad_(self.train_text)
+        params = list(self.unet.parameters()) + (list(self.text_encoder.parameters()) if self.train_text else [])
+        self.params = params
+        self.opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01)
+        self.ema = {k: v.detach().clone() for k, v in self._trainable_state().items()}
+        alphas = self.scheduler.alphas_cumprod if cfg.stage == "text-unet" else None
+        self.alphas_cumprod = alphas
+
+    # The trainable tensors by name ("unet.*", "text.*").
+    def _trainable_state(self) -> dict[str, torch.Tensor]:
+        d = {f"unet.{k}": p for k, p in self.unet.named_parameters()}
+        if self.train_text:
+            d.update({f"text.{k}": p for k, p in self.text_encoder.named_parameters()})
+        return d
+
+    # ------------------------------------------------------------------ checkpoint
+    def save(self) -> None:
+        from safetensors.torch import save_file
+
+        tensors = {f"model.{k}": v.detach().contiguous() for k, v in self._trainable_state().items()}
+        tensors.update({f"ema.{k}": v.contiguous() for k, v in self.ema.items()})
+        names = list(self._trainable_state())
+        id_to_name = {id(p): n for n, p in self._trainable_state().items()}
+        for p, st in self.opt.state.items():
+            n = id_to_name[id(p)]
+            for key, val in st.items():
+                tensors[f"opt.{n}.{key}"] = torch.as_tensor(val).detach().clone().contiguous()
+        meta = {"step": self.step, "elapsed": self.elapsed, "config": asdict(self.cfg), "history": self.history, "names": names}
+        tmp = os.path.join(self.dir, "state.tmp.safetensors")
+        save_file(tensors, tmp)
+        with open(os.path.join(self.dir, "state.tmp.json"), "w") as f:
+            json.dump(meta, f, indent=1)
+        os.replace(tmp, os.path.join(self.dir, "state.safetensors"))
+        os.replace(os.path.join(self.dir, "state.tmp.json"), os.path.join(self.dir, "state.json"))
+
+    def load(self) -> bool:
+        """Resume from the run folder; else from the shipped weights. Returns True if a run state was found."""
+        from safetensors.torch import load_file
+
+        path = os.path.join(self.dir, "state.safetensors")
+        if not os.path.exists(path):
+            return self._load_from_assets()
+        tensors = load_file(path)
+        with open(os.path.join(self.dir, "state.json")) as f:
+            meta = json.load(f)
+        state = self._trainable_state()
+        with torch.no_grad():
+            for n, p in state.items():
+                p.copy_(tensors[f"model.{n}"])
+                self.ema[n].copy_(tensors[f"ema.{n}"])
+        for n, p in state.items():
+            st = {}
+            for key in ("step", "exp_avg", "exp_avg_sq"):
+                t = tensors.get(f"opt.{n}.{key}")
+                if t is not None:
+                    st[key] = t
+            if st:
+                self.opt.state[p] = st
+        self.step, self.elapsed, self.history = meta["step"], meta["elapsed"], meta.get("history", [])
+        self.log(f"resumed {self.cfg.stage} at step {self.step} ({self.elapsed / 60:.1f} min trained)")
+        return True
+
+    def _load_from_assets(self) -> bool:
+        from diffusers import UNet2DConditionModel
+        from transformers import CLIPTextModel
+
+        name = "shapesworld" if self.cfg.stage == "text-unet" else "shapesworld-flow"
+        base = asset_path(name)
+        meta_path = os.path.join(base, "training.json")
+        if not os.path.exists(os.path.join(base, "unet")):
+            self.log(f"no run state and no shipped {name}: starting from scratch")
+            return False
+        unet = UNet2DConditionModel.from_pretrained(os.path.join(base, "unet"), torch_dtype=torch.float32)
+        self.unet.load_state_dict(unet.state_dict())
+        if self.train_text:
+            te = CLIPTextModel.from_pretrained(os.path.join(base, "text_encoder"), torch_dtype=torch.float32)
+            self.text_encoder.load_state_dict(te.state_dict())
+        self.ema = {k: v.detach().clone() for k, v in self._trainable_state().items()}
+        if os.path.exists(meta_path):
+            with open(meta_path) as f:
+                m = json.load(f)
+            self.step, self.elapsed, self.history = m.get("step", 0), m.get("elapsed", 0.0), m.get("history", [])
+        self.log(f"no run state: resuming {name} from the shipped weights at step {self.step} with a fresh optimizer")
+        return False
+
+    # ------------------------------------------------------------------ training
+    def lr_at(self, step: int) -> float:
+        return self.cfg.lr * min(1.0, (step + 1) / self.cfg.warmup_steps)
+
+    def loss(self, x: torch.Tensor, caps: list[str], gen: torch.Generator) -> torch.Tensor:
+        z0 = self.codec.encode(x)
+        b = z0.shape[0]
+        noise = torch.randn(z0.shape, generator=gen)
+        ctx = encode_text(self.tokenizer, self.text_encoder, caps)
+        if self.cfg.stage == "text-unet":
+            t = torch.randint(0, 1000, (b,), generator=gen)
+            abar = self.alphas_cumprod[t].view(b, 1, 1, 1)
+            zt = abar.sqrt() * z0 + (1 - abar).sqrt() * noise
+            target = abar.sqrt() * noise - (1 - abar).sqrt() * z0
+            pred = self.unet(zt, t, ctx).sample
+            snr = abar / (1 - abar).clamp_min(1e-8)
+            w = torch.minimum(snr, torch.full_like(snr, self.cfg.min_snr_gamma)) / (snr + 1)
+            return (w * (pred - target) ** 2).mean()
+        # flow: t on the shifted grid used at sampling time
+        u = torch.rand(b, generator=gen)
+        s = self.scheduler.config.shift
+        t = s * u / (1 + (s - 1) * u)
+        tt = t.view(b, 1, 1, 1)
+        zt = (1 - tt) * z0 + tt * noise
+        pred = self.unet(zt, t * 1000, ctx).sample
+        return F.mse_loss(pred, noise - z0)
+
+    def ema_update(self) -> None:
+        d = min(self.cfg.ema_decay, (1 + self.step) / (10 + self.step))
+        with torch.no_grad():
+            for n, p in self._trainable_state().items():
+                self.ema[n].mul_(d).add_(p.detach(), alpha=1 - d)
+
+    def train(self, minutes: float | None = None, steps: int | None = None) -> None:
+        cfg = self.cfg
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        self.unet.train()
+        self.text_encoder.train(self.train_text)
+        start = time.time()
+        last_ckpt = last_eval = time.time()
+        run_start_step = self.step
+        losses = []
+        window_start = time.time()
+        while True:
+            if minutes is not None and time.time() - start >= minutes * 60:
+                break
+            if steps is not None and self.step - run_start_step >= steps:
+                break
+            t0 = time.time()
+            x, caps = batch_for_step(self.step, cfg)
+            gen = torch.Generator().manual_seed(cfg.data_seed * 7919 + self.step)
+            for g in self.opt.param_groups:
+                g["lr"] = self.lr_at(self.step)
+            loss = self.loss(x, caps, gen)
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+            self.opt.step()
+            self.step += 1
+            self.ema_update()
+            self.elapsed += time.time() - t0
+            losses.append(loss.item())
+            if self.step % 50 == 0:
+                rate = cfg.batch_size * len(losses) / max(1e-9, time.time() - window_start)
+                self.log(f"step {self.step} loss {np.mean(losses):.4f} lr {self.lr_at(self.step):.2e} {rate:.0f} img/s")
+                window_start = time.time()
+                self.history.append({"step": self.step, "loss": float(np.mean(losses)), "minutes": self.elapsed / 60})
+                losses = []
+            if cfg.stage == "text-unet" and self.step == cfg.weak_step:
+                self.save_weak()
+            if time.time() - last_eval >= cfg.eval_minutes * 60:
+                self.evaluate_and_log()
+                last_eval = time.time()
+            if time.time() - last_ckpt >= cfg.checkpoint_minutes * 60:
+                self.save()
+                last_ckpt = time.time()
+                self.log(f"checkpoint saved at step {self.step}")
+        self.save()
+        self.log(f"stopped at step {self.step}; state saved in {self.dir}")
+
+    # ------------------------------------------------------------------ evaluation / export
+    def ema_models(self):
+        """Copies of the UNet and text encoder carrying the EMA weights."""
+        import copy
+
+        unet = copy.deepcopy(self.unet).eval()
+        te = copy.deepcopy(self.text_encoder).eval()
+        with torch.no_grad():
+            for n, v in self.ema.items():
+                mod, name = (unet, n[5:]) if n.startswith("unet.") else (te, n[5:])
+                mod.get_parameter(name).copy_(v)
+        return unet, te
+
+    def save_weak(self) -> None:
+        unet, _ = self.ema_models()
+        unet.save_pretrained(os.path.join(self.dir, "unet_weak"))
+        self.log(f"weak checkpoint (EMA at step {self.step}) saved for AutoGuidance")
+
+    def evaluate_and_log(self, n: int | None = None) -> dict | None:
+        try:
+            res = evaluate_models(self.cfg.stage, *self.ema_models(), self.tokenizer, n=n or self.cfg.eval_n)
+        except ImportError as e:  # evaluator not available in this checkout
+            self.log(f"adherence eval skipped: {e}")
+            return None
+        res["step"] = self.step
+        self.history.append({"step": self.step, "eval": res, "minutes": self.elapsed / 60})
+        self.log("adherence " + json.dumps(res))
+        return res
+
+    def export(self, name: str | None = None) -> str:
+        """Write the EMA weights in diffusers format (float16 safetensors) under assets/models/."""
+        name = name or ("shapesworld" if self.cfg.stage == "text-unet" else "shapesworld-flow")
+        out = asset_path(name)
+        unet, te = self.ema_models()
+        tmp = out + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        unet.to(torch.float16).save_pretrained(os.path.join(tmp, "unet"))
+        te.to(torch.float16).save_pretrained(os.path.join(tmp, "text_encoder"))
+        self.tokenizer.save_pretrained(os.path.join(tmp, "tokenizer"))
+        self.scheduler.save_pretrained(os.path.join(tmp, "scheduler"))
+        self.codec.save_pretrained(os.path.join(tmp, "codec"))
+        weak = os.path.join(self.dir, "unet_weak")
+        if self.cfg.stage == "text-unet" and os.path.isdir(weak):
+            from diffusers import UNet2DConditionModel
+
+            UNet2DConditionModel.from_pretrained(weak).to(torch.float16).save_pretrained(os.path.join(tmp, "unet_weak"))
+        elif self.cfg.stage == "text-unet" and os.path.isdir(os.path.join(out, "unet_weak")):
+            shutil.copytree(os.path.join(out, "unet_weak"), os.path.join(tmp, "unet_weak"))
+        model_index = {
+            "_class_name": "ShapesWorldPipeline",
+            "family": "shapesworld-flow" if self.cfg.stage == "flow" else "shapesworld",
+            "unet": ["diffusers", "UNet2DConditionModel"],
+            "text_encoder": ["transformers", "CLIPTextModel"],
+            "tokenizer": ["transformers", "CLIPTokenizer"],
+            "scheduler": ["diffusers", type(self.scheduler).__name__],
+            "codec": ["studio", "PixelUnshuffleCodec"],
+        }
+        with open(os.path.join(tmp, "model_index.json"), "w") as f:
+            json.dump(model_index, f, indent=2)
+        with open(os.path.join(tmp, "training.json"), "w") as f:
+            json.dump({"step": self.step, "elapsed": self.elapsed, "config": asdict(self.cfg), "history": self.history}, f, indent=1)
+        shutil.rmtree(out, ignore_errors=True)
+        os.replace(tmp, out)
+        self.log(f"exported EMA weights at step {self.step} to {out}")
+        return out
+
+
+@torch.no_grad()
+def sample_images(stage: str, unet, text_encoder, tokenizer, captions: list[str], *, steps: int = 25,
+                  guidance_scale: float = 5.0, seed: int = 0) -> np.ndarray:
+    """Reference sampler used while training (diffusers scheduler stepping, CFG); returns uint8 images."""
+    codec = PixelUnshuffleCodec()
+    sched = models.make_diffusion_scheduler() if stage == "text-unet" else models.make_flow_scheduler()
+    sched.set_timesteps(steps)
+    n = len(captions)
+    cond = encode_text(tokenizer, text_encoder, captions)
+    unc = encode_text(tokenizer, text_encoder, [""] * n)
+    gen = torch.Generator().manual_seed(seed)
+    z = torch.randn((n, 48, 16, 16), generator=gen)
+    ctx = torch.cat([unc, cond])
+    for t in sched.timesteps:
+        out = unet(torch.cat([z, z]), torch.cat([t.reshape(1)] * 2 * n), ctx).sample
+        u, c = out.chunk(2)
+        z = sched.step(u + guidance_scale * (c - u), t, z).prev_sample
+    img = codec.decode(z).clamp(-1, 1)
+    return ((img + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+
+
+def evaluate_models(stage: str, unet, text_encoder, tokenizer, *, n: int = 64, seed: int = 0,
+                    guidance_scale: float = 5.0, two_objects: bool = False) -> dict:
+    from .evaluator import evaluate
+
+    scenes = sample_scenes(n, seed + 10_000, n_objects=2 if two_objects else 1, jitter=False)
+    caps = [caption(s) for s in scenes]
+    imgs = []
+    for i in range(0, n, 32):
+        imgs.append(sample_images(stage, unet, text_encoder, tokenizer, caps[i:i + 32], guidance_scale=guidance_scale, seed=seed + i))
+    res = evaluate(list(np.concatenate(imgs)), scenes)
+    return {k: round(float(v), 4) for k, v in res.items()}
+
+
+def main(args) -> int:
+    cfg = TrainConfig(stage=args.stage)
+    if getattr(args, "threads", None):
+        cfg.threads = args.threads
+    tr = Trainer(cfg)
+    if args.resume or args.export:
+        tr.load()
+    elif os.path.exists(os.path.join(tr.dir, "state.safetensors")):
+        print(f"a run state exists in {tr.dir}: pass --resume to continue it (or delete the folder to restart)")
+        return 2
+    if args.minutes or args.steps:
+        tr.train(minutes=args.minutes, steps=args.steps)
+    if args.eval:
+        tr.evaluate_and_log(n=args.eval)
+        tr.save()
+    if args.export:
+        tr.export()
+    return 0
