@@ -56,14 +56,19 @@ BG_MATCH_DIST = 30.0  # measured background vs palette background (palette backg
 FG_DIST = 35.0  # foreground = farther than this from the background (object/background pairs are >= 90 apart)
 MIN_OBJECT_AREA = 16  # components smaller than this are specks (the smallest object covers ~60 px)
 MAX_SPECK_AREA = 48  # more speck pixels than this in total is clutter
-COLOR_MATCH_DIST = 28.0  # interior colour vs nearest palette colour (closest palette pair: 81 apart)
-UNIFORM_DIST = 45.0  # interior pixels within this of the object colour count as uniform ...
+COLOR_MATCH_DIST = 45.0  # interior colour vs nearest palette colour (closest palette pair: 81 apart) ...
+COLOR_RATIO = 0.6  # ... and at most this fraction of the distance to the second nearest palette colour
+UNIFORM_DIST = 40.0  # interior pixels within this of the background-to-colour blend count as uniform ...
 UNIFORM_FRAC = 0.85  # ... and this fraction of the interior must be uniform
-IOU_MIN = 0.75  # best template IoU needed
-SHAPE_MARGIN = 0.08  # best IoU must beat the best template of any other shape by this much
+UNIFORM_CHROMA = 0.5  # chroma scale (YCbCr) for the uniformity test
+IOU_MIN = 0.80  # best template (soft) IoU needed ...
+# ... except for the small star, whose ~3 px arms are below JPEG's chroma resolution.
+IOU_MIN_TEMPLATE = {("star", "small"): 0.74}
+SHAPE_MARGIN = 0.05  # best IoU must beat the best template of any other shape by this much
 POSITION_TOL = 6.0  # object centre within this many pixels of a position anchor (anchors are 16 px apart)
 LIGHT = (250.0, 250.0, 250.0)  # light stripe colour of the 'striped' texture
 LIGHT_DIST = 45.0  # a pixel this close to LIGHT is a light stripe pixel (when LIGHT differs from the background)
+LIGHT_MIN_FRAC = 0.08  # an object is unmixed with LIGHT only when this fraction of its interior is light
 
 ALL_SHAPES = world.SHAPES + world.HELD_OUT_SHAPES
 ALL_TEXTURES = world.TEXTURES + world.HELD_OUT_TEXTURES
@@ -73,6 +78,12 @@ _HALF = _WIN // 2
 _QUANT = 4  # centroids are quantised to 1/_QUANT pixel for the template cache
 _PAD = _HALF + 2
 _KERNEL = np.ones((3, 3), np.uint8)
+COVERAGE_FLOOR = 0.15  # coverage below this reads as empty (JPEG bleeding/ringing), above 1 - this as full
+_CHROMA_WEIGHTS = (float(__import__('os').environ.get('CM', 0.1)), 1.0)  # chroma scales of the two unmixings
+# RGB -> YCbCr (BT.601), for unmixing.
+_YCC = np.array([[0.299, 0.587, 0.114],
+                 [-0.168736, -0.331264, 0.5],
+                 [0.5, -0.418688, -0.081312]])
 
 
 # ----------------------------------------------------------------------------- results
@@ -168,6 +179,14 @@ def _nearest(color: np.ndarray, palette: dict[str, tuple[int, int, int]]) -> tup
     return names[k], float(d[k])
 
 
+def _nearest2(color: np.ndarray, palette: dict[str, tuple[int, int, int]]) -> tuple[str, float, float]:
+    """Nearest palette entry, its distance and the distance of the second nearest."""
+    names = list(palette)
+    d = np.linalg.norm(np.array([palette[n] for n in names], np.float64) - color[None], axis=1)
+    order = np.argsort(d)
+    return names[order[0]], float(d[order[0]]), float(d[order[1]])
+
+
 def _nearest_position(center: tuple[float, float]) -> tuple[str, float]:
     best = min(world.POSITIONS, key=lambda p: math.dist(center, world.POSITIONS[p]))
     return best, math.dist(center, world.POSITIONS[best])
@@ -190,38 +209,36 @@ def _read_background(a: np.ndarray, problems: list[str]) -> tuple[np.ndarray | N
     return bg, name
 
 
-def _match_templates(co: np.ndarray, lo: np.ndarray, cx: float, cy: float, light_visible: bool):
-    """Score every shape x size x texture template against the observed colour mask `co` and
-    light-stripe mask `lo` (both padded by _PAD) with the template centroid at (cx, cy).
-    Returns a list of (score, shape, size, texture), best first."""
+def _match_templates(ac: np.ndarray, al: np.ndarray, cx: float, cy: float, light_visible: bool):
+    """Soft IoU of every shape x size x texture template against the observed coverage of the
+    object colour `ac` and of the light stripe colour `al` (both padded by _PAD), with the
+    template's centroid at (cx, cy).  Returns a list of (iou, shape, size, texture), best first."""
     ix, iy = int(math.floor(cx)), int(math.floor(cy))
     qx, qy = int(round((cx - ix) * _QUANT)), int(round((cy - iy) * _QUANT))
     if qx == _QUANT:
         ix, qx = ix + 1, 0
     if qy == _QUANT:
         iy, qy = iy + 1, 0
-    if not (-_HALF < ix < world.IMAGE_SIZE + _HALF and -_HALF < iy < world.IMAGE_SIZE + _HALF):
+    if not (_HALF - _PAD <= ix <= world.IMAGE_SIZE + _PAD - _HALF
+            and _HALF - _PAD <= iy <= world.IMAGE_SIZE + _PAD - _HALF):
         return []
     cov = _coverage_stack(qx, qy)
     ys, xs = slice(iy - _HALF + _PAD, iy + _HALF + _PAD), slice(ix - _HALF + _PAD, ix + _HALF + _PAD)
-    co_w, lo_w = co[ys, xs], lo[ys, xs]
-    s_w = _STRIPES_PADDED[ys, xs]
-    obs = co_w | lo_w
-    t = cov >= 0.5
+    ac_w, al_w = ac[ys, xs], al[ys, xs]
+    a_w = ac_w + al_w
     axes = (1, 2)
-    n_obs = obs.sum()
-    # plain: all of the object is the colour
-    plain = (t & co_w).sum(axes) / np.maximum((t | obs).sum(axes), 1)
-    # striped: dark stripes are the colour, light stripes are LIGHT (invisible on a light background)
-    dark = cov * (1.0 - s_w) >= 0.5
+    # plain: the whole object is the colour; light pixels are misses
+    plain = np.minimum(cov, ac_w).sum(axes) / np.maximum(np.maximum(cov, a_w).sum(axes), 1e-6)
+    # striped: dark stripes are the colour, light stripes are LIGHT (invisible on a light background,
+    # where the template keeps only its dark stripes)
+    s_w = _STRIPES_PADDED[ys, xs]
+    tc = cov * (1.0 - s_w)
     if light_visible:
-        light = cov * s_w >= 0.5
-        either = t & ~dark & ~light  # stripe-edge pixels may read either way
-        hit = (dark & co_w).sum(axes) + (light & lo_w).sum(axes) + (either & obs).sum(axes)
-        striped = hit / np.maximum((t | obs).sum(axes), 1)
+        tl = cov * s_w
+        hit = np.minimum(tc, ac_w).sum(axes) + np.minimum(tl, al_w).sum(axes)
+        striped = hit / np.maximum(np.maximum(cov, a_w).sum(axes), 1e-6)
     else:
-        striped = (dark & co_w).sum(axes) / np.maximum((dark | co_w).sum(axes), 1)
-    del n_obs
+        striped = np.minimum(tc, ac_w).sum(axes) / np.maximum(np.maximum(tc, ac_w).sum(axes), 1e-6)
     out = []
     for k, (shape, size) in enumerate(_HYPS):
         out.append((float(plain[k]), shape, size, "plain"))
@@ -230,55 +247,115 @@ def _match_templates(co: np.ndarray, lo: np.ndarray, cx: float, cy: float, light
     return out
 
 
-def _read_object(a: np.ndarray, dist_bg: np.ndarray, bg: np.ndarray, mask: np.ndarray,
-                 others: np.ndarray, light_visible: bool, problems: list[str], tag: str) -> DetectedObject:
-    f = a.astype(np.float32)
-    area = int(mask.sum())
+def _segment_distance(p: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Distance of colours p (N, 3) from the segment a-b in RGB space."""
+    ab = b - a
+    t = np.clip(((p - a) @ ab) / max(float(ab @ ab), 1e-6), 0.0, 1.0)
+    return np.linalg.norm(p - (a[None] + t[:, None] * ab[None]), axis=1)
+
+
+def _interior_colour(f: np.ndarray, mask: np.ndarray, light_visible: bool) -> np.ndarray:
+    """Interior pixels (eroded mask, light stripe pixels left out) as an (N, 3) array."""
     interior = cv2.erode(mask.astype(np.uint8), _KERNEL).astype(bool)
     if interior.sum() < 4:
         interior = mask
     px = f[interior]
     if light_visible:
         px = px[np.linalg.norm(px - np.array(LIGHT, np.float32), axis=1) > LIGHT_DIST]
+    return px
+
+
+def _coverages(f: np.ndarray, bg: np.ndarray, col: np.ndarray, light: bool,
+               chroma_weight: float) -> tuple[np.ndarray, np.ndarray]:
+    """Per-pixel coverage of the object colour and of the light stripe colour (when `light`),
+    from a least-squares unmixing of each pixel into background + colour (+ light) in YCbCr
+    space with the chroma axes scaled by `chroma_weight`.  Coverages are stretched so that weak
+    bleeding and ringing (< COVERAGE_FLOOR) read as empty and near-full pixels as full."""
+    basis = [col - bg] + ([np.array(LIGHT, np.float32) - bg] if light else [])
+    ycc = _YCC * np.array([[1.0], [chroma_weight], [chroma_weight]])
+    m = ycc @ np.stack(basis, axis=1).astype(np.float64)  # (3, k)
+    w_ = ((f.reshape(-1, 3).astype(np.float64) - bg[None]) @ ycc.T) @ np.linalg.pinv(m).T  # (N, k)
+    w_ = np.clip(w_, 0.0, None)
+    tot = w_.sum(axis=1, keepdims=True)
+    w_ = np.where(tot > 1.0, w_ / np.maximum(tot, 1e-9), w_)
+    w_ = np.clip((w_ - COVERAGE_FLOOR) / (1.0 - 2.0 * COVERAGE_FLOOR), 0.0, 1.0)
+    ac = w_[:, 0].reshape(f.shape[:2]).astype(np.float32)
+    al = (w_[:, 1].reshape(f.shape[:2]) if light else np.zeros(f.shape[:2])).astype(np.float32)
+    return ac, al
+
+
+_GY, _GX = np.mgrid[0: world.IMAGE_SIZE, 0: world.IMAGE_SIZE] + 0.5
+
+
+def _fit_shape(f, bg, col, light_seen, light_visible, region):
+    """Template-match the object's coverage maps; returns (ranked, centroid).  Two unmixings are
+    tried, luma-dominated (robust to JPEG's half-resolution chroma) and full-colour (robust to
+    noise when the object and background differ mostly in hue); the better fit is kept."""
+    best = None
+    for cw in _CHROMA_WEIGHTS:
+        ac, al = _coverages(f, bg, col, light_seen, cw)
+        ac[~region] = 0.0
+        al[~region] = 0.0
+        tot = ac + al
+        mass = float(tot.sum())
+        if mass < 1.0:
+            continue
+        c = (float((tot * _GX).sum() / mass), float((tot * _GY).sum() / mass))
+        ranked = _match_templates(np.pad(ac, _PAD), np.pad(al, _PAD), c[0], c[1], light_visible)
+        if ranked and (best is None or ranked[0][0] > best[0][0][0]):
+            best = (ranked, c)
+    return best
+
+
+def _read_object(a: np.ndarray, bg: np.ndarray, mask: np.ndarray, others: np.ndarray,
+                 light_visible: bool, problems: list[str], tag: str) -> DetectedObject:
+    f = a.astype(np.float32)
+    bg = bg.astype(np.float32)
+    area = int(mask.sum())
     ys, xs = np.nonzero(mask)
     rough = (float(xs.mean() + 0.5), float(ys.mean() + 0.5))
+    px = _interior_colour(f, mask, light_visible)
+    # Unmix with the light stripe colour only where the object shows some light pixels.
+    px_all = _interior_colour(f, mask, False)
+    light_seen = light_visible and float(
+        (np.linalg.norm(px_all - np.array(LIGHT, np.float32), axis=1) <= LIGHT_DIST).mean()) >= LIGHT_MIN_FRAC
     if len(px) < 4:
         problems.append(f"{tag}: no coloured interior")
         return DetectedObject(None, None, None, None, None, rough, area, 0.0)
     col = np.median(px, axis=0)
-    color, dcol = _nearest(col, world.COLORS)
-    if dcol > COLOR_MATCH_DIST:
-        problems.append(f"{tag}: colour {tuple(int(x) for x in col)} matches no palette colour (off by {dcol:.0f})")
+    # Second pass: the interior of the pixels that are mostly the object colour (the foreground
+    # mask also holds anti-aliased edge pixels, which would dilute the colour).
+    region = cv2.dilate(mask.astype(np.uint8), _KERNEL, iterations=2).astype(bool) & ~others
+    ac, _ = _coverages(f, bg, col, light_seen, 1.0)
+    px2 = _interior_colour(f, (ac >= 0.5) & mask, light_visible)
+    if len(px2) >= 4:
+        px = px2
+        col = np.median(px, axis=0)
+    color, d1, d2 = _nearest2(col, world.COLORS)
+    if d1 > COLOR_MATCH_DIST or d1 > COLOR_RATIO * d2:
+        problems.append(f"{tag}: colour {tuple(int(x) for x in col)} is no palette colour "
+                        f"({color} off by {d1:.0f}, next {d2:.0f})")
         color = None
-    uniform = float((np.linalg.norm(px - col[None], axis=1) <= UNIFORM_DIST).mean())
-    if uniform < UNIFORM_FRAC:
+    # Uniformity is measured in YCbCr with the chroma halved: JPEG smears chroma, not luma.
+    to_u = (_YCC * np.array([[1.0], [UNIFORM_CHROMA], [UNIFORM_CHROMA]])).T
+    pu, bgu, colu = px @ to_u, bg @ to_u, col @ to_u
+    dev = _segment_distance(pu, bgu, colu)
+    if light_seen:
+        dev = np.minimum(dev, _segment_distance(pu, colu, np.array(LIGHT) @ to_u))
+    uniform = float((dev <= UNIFORM_DIST).mean())
+    if uniform < UNIFORM_FRAC or __import__('os').environ.get('UDBG'):
         problems.append(f"{tag}: colour is not uniform ({uniform:.0%})")
         color = None
 
-    # Label the pixels around the component as background, object colour or light stripe.
-    region = cv2.dilate(mask.astype(np.uint8), _KERNEL, iterations=2).astype(bool) & ~others
-    refs = [bg.astype(np.float32), col.astype(np.float32)]
-    if light_visible:
-        refs.append(np.array(LIGHT, np.float32))
-    d = np.stack([np.linalg.norm(f - r, axis=2) for r in refs])
-    lab = np.argmin(d, axis=0)
-    co = region & (lab == 1)
-    lo = region & (lab == 2) if light_visible else np.zeros_like(co)
-    obs = co | lo
-    if obs.sum() == 0:
-        problems.append(f"{tag}: empty mask")
+    fit = _fit_shape(f, bg, col, light_seen, light_visible, region)
+    if fit is None:
+        problems.append(f"{tag}: no shape fits")
         return DetectedObject(None, color, None, None, None, rough, area, 0.0)
-    ys, xs = np.nonzero(obs)
-    cx, cy = float(xs.mean() + 0.5), float(ys.mean() + 0.5)
-    co_p, lo_p = np.pad(co, _PAD), np.pad(lo, _PAD)
-    ranked = _match_templates(co_p, lo_p, cx, cy, light_visible)
-    if not ranked:
-        problems.append(f"{tag}: outside the image")
-        return DetectedObject(None, color, None, None, None, (cx, cy), area, 0.0)
+    ranked, (cx, cy) = fit
     best_iou, shape, size, texture = ranked[0]
     second = max((r[0] for r in ranked if r[1] != shape), default=0.0)
     ok_shape = True
-    if best_iou < IOU_MIN:
+    if best_iou < IOU_MIN_TEMPLATE.get((shape, size), IOU_MIN):
         problems.append(f"{tag}: malformed (best template {shape}/{size} IoU {best_iou:.2f})")
         ok_shape = False
     elif best_iou - second < SHAPE_MARGIN:
@@ -322,7 +399,7 @@ def read_image(img) -> Reading:
         for j, m2 in enumerate(masks):
             if j != i:
                 others |= m2
-        objects.append(_read_object(a, dist_bg, bg, m, others, light_visible, problems, f"object {i}"))
+        objects.append(_read_object(a, bg, m, others, light_visible, problems, f"object {i}"))
     # Order objects left-to-right, top-to-bottom for a stable reading.
     objects.sort(key=lambda o: (o.centroid[0], o.centroid[1]))
     return Reading(bg_name, objects, problems)

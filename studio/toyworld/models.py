@@ -21,7 +21,7 @@ DIFFUSION_SCHEDULER = dict(
     prediction_type="v_prediction",
     timestep_spacing="trailing",
     clip_sample=False,
-    set_alpha_to_one=False,
+    set_alpha_to_one=True,
     steps_offset=0,
 )
 

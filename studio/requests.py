@@ -1,0 +1,51 @@
+"""Typed requests: the same objects drive the CLI, the Gradio API and the tests."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, asdict, fields
+from typing import Any
+
+
+@dataclass
+class GenerateRequest:
+    prompt: str
+    model: str = "shapesworld"
+    negative_prompt: str = ""
+    sampler: str | None = None  # None: the model's default (ddim for diffusion, flow_euler for flow)
+    steps: int = 25
+    guidance: str = "cfg"
+    guidance_scale: float = 5.0
+    guidance_params: dict[str, Any] = field(default_factory=dict)
+    seed: int = 0
+    width: int | None = None  # None: the model's native size
+    height: int | None = None
+    eta: float = 0.0
+    num_images: int = 1
+
+    def validate(self) -> None:
+        if not isinstance(self.prompt, str):
+            raise ValueError("prompt must be text")
+        if self.steps is None or int(self.steps) < 1:
+            raise ValueError(f"steps must be at least 1 (got {self.steps})")
+        if self.steps > 1000:
+            raise ValueError(f"steps must be at most 1000 (got {self.steps})")
+        if self.num_images < 1 or self.num_images > 64:
+            raise ValueError(f"num_images must be between 1 and 64 (got {self.num_images})")
+        if not (0.0 <= self.eta <= 1.0):
+            raise ValueError(f"eta must be in [0, 1] (got {self.eta})")
+        for name in ("width", "height"):
+            v = getattr(self, name)
+            if v is not None and (int(v) <= 0 or int(v) % 8):
+                raise ValueError(f"{name} must be a positive multiple of 8 (got {v})")
+        if not (0 <= int(self.seed) < 2**63):
+            raise ValueError(f"seed must be a non-negative integer below 2^63 (got {self.seed})")
+
+    def to_json(self) -> str:
+        return json.dumps({"type": "generate", **asdict(self)}, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "GenerateRequest":
+        known = {f.name for f in fields(cls)}
+        d = {k: v for k, v in d.items() if k in known}
+        return cls(**d)
