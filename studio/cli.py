@@ -16,6 +16,55 @@ def _train(args) -> int:
     return main(args)
 
 
+def quiet_environment() -> None:
+    """No network lookups, no progress bars or warnings from the libraries on our output."""
+    for k, v in {"HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_DISABLE_TELEMETRY": "1",
+                 "TRANSFORMERS_VERBOSITY": "error", "DIFFUSERS_VERBOSITY": "error",
+                 "HF_HUB_DISABLE_PROGRESS_BARS": "1"}.items():
+        os.environ.setdefault(k, v)
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+
+
+class CLIError(Exception):
+    """A user-facing error: printed as one line, exit status 2."""
+
+
+def _generate(args) -> int:
+    from .pngmeta import read_parameters, save_png
+    from .requests import GenerateRequest
+    from .session import SessionManager
+
+    if args.from_png:
+        params = read_parameters(args.from_png)
+        if params.get("type", "generate") != "generate":
+            raise CLIError(f"{args.from_png} holds a {params.get('type')!r} request, not a generate request")
+        req = GenerateRequest.from_dict(params)
+    else:
+        if args.prompt is None:
+            raise CLIError("--prompt is required (or --from a studio PNG)")
+        req = GenerateRequest(
+            prompt=args.prompt, model=args.model, negative_prompt=args.negative or "", sampler=args.sampler,
+            steps=args.steps, guidance=args.guidance, guidance_scale=args.scale, seed=args.seed,
+            width=args.width, height=args.height, eta=args.eta, num_images=args.num_images)
+    req.validate()
+    out = args.out
+    if not out.lower().endswith(".png"):
+        raise CLIError(f"--out must be a .png file (got {out})")
+    session = SessionManager(allow_pickle=args.allow_pickle)
+    res = session.generate(req)
+    result = {k: v for k, v in res.metadata.items()}
+    paths = [out] if len(res.images) == 1 else [out[:-4] + f"-{i}.png" for i in range(len(res.images))]
+    for p, img in zip(paths, res.images):
+        save_png(p, img, req.to_json(), result)
+    print(f"wrote {', '.join(paths)} ({res.seconds:.2f} s, {res.nfe} network evaluations)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m studio", description="Controllable Generation Studio")
     sub = p.add_subparsers(dest="command", required=True)
@@ -30,11 +79,40 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--eval", type=int, default=0, help="evaluate adherence on N prompts after training")
     t.add_argument("--threads", type=int, default=0)
     t.set_defaults(func=_train)
+
+    g = sub.add_parser("generate", help="text to image")
+    g.add_argument("--model", default="shapesworld", help="registered name, local diffusers folder or hub id")
+    g.add_argument("--prompt")
+    g.add_argument("--negative", default="")
+    g.add_argument("--sampler", default=None, help="ddim | euler | euler_a | dpmpp_2m | flow_euler | flow_heun")
+    g.add_argument("--steps", type=int, default=25)
+    g.add_argument("--guidance", default="cfg")
+    g.add_argument("--scale", type=float, default=5.0)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--width", type=int, default=None)
+    g.add_argument("--height", type=int, default=None)
+    g.add_argument("--eta", type=float, default=0.0)
+    g.add_argument("--num-images", type=int, default=1)
+    g.add_argument("--from", dest="from_png", default=None, help="re-run the request stored in a studio PNG")
+    g.add_argument("--allow-pickle", action="store_true", help="allow pickle checkpoints (runs their code)")
+    g.add_argument("--out", required=True)
+    g.set_defaults(func=_generate)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    quiet_environment()
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (CLIError, ValueError, FileNotFoundError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # anything else: still one line, the type tells a developer where to look
+        if os.environ.get("STUDIO_DEBUG"):
+            raise
+        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
