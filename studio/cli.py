@@ -65,6 +65,23 @@ def _generate(args) -> int:
     return 0
 
 
+def _eval_adherence(args) -> int:
+    import json
+
+    from .session import SessionManager
+    from .toyworld.adherence import adherence
+
+    if args.n < 1:
+        raise CLIError(f"--n must be at least 1 (got {args.n})")
+    if args.steps < 1:
+        raise CLIError(f"--steps must be at least 1 (got {args.steps})")
+    session = SessionManager(allow_pickle=args.allow_pickle)
+    result = adherence(session, model=args.model, guidance=args.guidance, scale=args.scale, n=args.n, seed=args.seed,
+                       two_objects=args.two_objects, steps=args.steps, sampler=args.sampler, batch=args.batch)
+    print(json.dumps(result))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m studio", description="Controllable Generation Studio")
     sub = p.add_subparsers(dest="command", required=True)
@@ -97,6 +114,21 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--allow-pickle", action="store_true", help="allow pickle checkpoints (runs their code)")
     g.add_argument("--out", required=True)
     g.set_defaults(func=_generate)
+
+    e = sub.add_parser("eval", help="measure a model (prints one JSON line)")
+    esub = e.add_subparsers(dest="eval_kind", required=True)
+    a = esub.add_parser("adherence", help="fraction of generated images that show their ShapesWorld prompt")
+    a.add_argument("--model", default="shapesworld", help="a ShapesWorld model: registered name or local folder")
+    a.add_argument("--guidance", default="cfg")
+    a.add_argument("--scale", type=float, default=5.0)
+    a.add_argument("--n", type=int, default=256, help="number of prompts (one image each)")
+    a.add_argument("--seed", type=int, default=0, help="derives the prompts and every image's noise")
+    a.add_argument("--two-objects", action="store_true", help="two-object prompts instead of one-object prompts")
+    a.add_argument("--steps", type=int, default=25)
+    a.add_argument("--sampler", default=None, help="ddim | euler | euler_a | dpmpp_2m | flow_euler | flow_heun")
+    a.add_argument("--batch", type=int, default=32, help="images per batched run")
+    a.add_argument("--allow-pickle", action="store_true", help="allow pickle checkpoints (runs their code)")
+    a.set_defaults(func=_eval_adherence)
     return p
 
 

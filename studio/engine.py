@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -98,9 +98,24 @@ def initial_noise(bundle: Bundle, shape, generator: torch.Generator) -> torch.Te
 
 
 def generate(bundle: Bundle, req: GenerateRequest, *, callback=None, should_stop: Optional[Callable[[], bool]] = None,
-             guidance: Optional[Guidance] = None) -> RunResult:
-    """Text-to-image with any sampler and guidance method; same request, same pixels."""
+             guidance: Optional[Guidance] = None, prompts: Optional[Sequence[str]] = None,
+             seeds: Optional[Sequence[int]] = None) -> RunResult:
+    """Text-to-image with any sampler and guidance method; same request, same pixels.
+
+    By default the batch repeats `req.prompt` and draws all `req.num_images` starting noises from one
+    generator seeded with `req.seed`. For evaluation over many prompts in one batched run:
+
+    * `prompts` (length `num_images`) gives every image its own prompt (the negative prompt is shared);
+    * `seeds` (length `num_images`) draws every image's starting noise from its own generator, so image k
+      starts where a single-image run with seed `seeds[k]` starts. With a deterministic sampler (ddim at
+      eta 0, euler, dpmpp_2m, flow samplers) it then ends there too, up to float rounding of the batched
+      forward; stochastic samplers draw their per-step noise from the generator of `seeds[0]`.
+    """
     req.validate()
+    n = req.num_images
+    for label, values in (("prompts", prompts), ("seeds", seeds)):
+        if values is not None and len(values) != n:
+            raise ValueError(f"{label} has {len(values)} entries for num_images={n}")
     t0 = time.perf_counter()
     height = req.height or bundle.default_size[0]
     width = req.width or bundle.default_size[1]
@@ -109,13 +124,17 @@ def generate(bundle: Bundle, req: GenerateRequest, *, callback=None, should_stop
     schedule = make_schedule(bundle.scheduler_config, sampler, int(req.steps))
     guidance = guidance or get_guidance(req.guidance, guidance_scale=req.guidance_scale, **req.guidance_params)
     guidance.reset()
-    n = req.num_images
     conds = {
-        "cond": bundle.encode_prompt([req.prompt] * n),
+        "cond": bundle.encode_prompt(list(prompts) if prompts is not None else [req.prompt] * n),
         "uncond": bundle.encode_prompt([req.negative_prompt or ""] * n),
     }
-    generator = torch.Generator("cpu").manual_seed(int(req.seed))
-    x = initial_noise(bundle, bundle.latent_shape(n, height, width), generator)
+    if seeds is None:
+        generator = torch.Generator("cpu").manual_seed(int(req.seed))
+        x = initial_noise(bundle, bundle.latent_shape(n, height, width), generator)
+    else:
+        generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
+        x = torch.cat([initial_noise(bundle, bundle.latent_shape(1, height, width), g) for g in generators])
+        generator = generators[0]
     den = GuidedDenoiser(bundle, schedule, guidance, conds)
 
     def step_cb(i, x_i, pred):

@@ -1,0 +1,1 @@
+"""One module per tab; each exposes build(session) -> gr.Tab."""
