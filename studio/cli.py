@@ -82,6 +82,40 @@ def _eval_adherence(args) -> int:
     return 0
 
 
+def _models(args) -> int:
+    """The registry, what is loaded where, and the accounted memory."""
+    import json as _json
+
+    from .registry import BUILTIN
+    from .session import SessionManager, _gib
+
+    session = SessionManager()
+    for name in args.load or []:
+        session.get(name)
+    rows = []
+    for spec in BUILTIN.values():
+        present = os.path.isdir(spec.location)
+        rows.append({"name": spec.name, "source": spec.source, "family": spec.family, "location": spec.location,
+                     "available": present, "label": spec.label})
+    status = session.status()
+    if args.json:
+        print(_json.dumps({"registry": rows, "loaded": status, "device": session.device,
+                           "accounted_bytes": session.accounted(), "budget_bytes": session.memory_budget}))
+        return 0
+    print("registry:")
+    for r in rows:
+        print(f"  {r['name']:<18} {r['source']:<6} {r['family'] or '-':<17} {'ok' if r['available'] else 'MISSING':<8} {r['location']}")
+    print(f"policy: {'hosted' if session.policy.hosted else 'local'}; model roots: {', '.join(session.policy.model_roots) or 'any'}; "
+          f"pickle checkpoints: {'allowed' if session.policy.allow_pickle else 'refused'}")
+    print(f"device: {session.device} ({session.dtype}); budget {_gib(session.memory_budget)}, "
+          f"offload budget {_gib(session.offload_budget)}")
+    print("loaded:" + ("" if status else " none"))
+    for st in status:
+        print(f"  {st['name']:<18} {st['where']:<8} {_gib(st['bytes'])}{'  loras: ' + ', '.join(st['loras']) if st['loras'] else ''}")
+    print(f"accounted: device {_gib(session.accounted('device'))}, offload {_gib(session.accounted('offload'))}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m studio", description="Controllable Generation Studio")
     sub = p.add_subparsers(dest="command", required=True)
@@ -114,6 +148,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--allow-pickle", action="store_true", help="allow pickle checkpoints (runs their code)")
     g.add_argument("--out", required=True)
     g.set_defaults(func=_generate)
+
+    m = sub.add_parser("models", help="list the registry, what is loaded where, and the accounted memory")
+    m.add_argument("--load", nargs="*", help="load these models first (to see their memory)")
+    m.add_argument("--json", action="store_true")
+    m.set_defaults(func=_models)
 
     e = sub.add_parser("eval", help="measure a model (prints one JSON line)")
     esub = e.add_subparsers(dest="eval_kind", required=True)

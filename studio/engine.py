@@ -121,12 +121,13 @@ def generate(bundle: Bundle, req: GenerateRequest, *, callback=None, should_stop
     width = req.width or bundle.default_size[1]
     bundle.check_size(height, width)
     sampler = req.sampler or bundle.default_sampler
-    schedule = make_schedule(bundle.scheduler_config, sampler, int(req.steps))
+    schedule = make_schedule(bundle.scheduler_config, sampler, int(req.steps),
+                             **bundle.schedule_kwargs(height, width, int(req.steps)))
     guidance = guidance or get_guidance(req.guidance, guidance_scale=req.guidance_scale, **req.guidance_params)
     guidance.reset()
     conds = {
         "cond": bundle.encode_prompt(list(prompts) if prompts is not None else [req.prompt] * n),
-        "uncond": bundle.encode_prompt([req.negative_prompt or ""] * n),
+        "uncond": bundle.encode_negative_prompt([req.negative_prompt or ""] * n),
     }
     if seeds is None:
         generator = torch.Generator("cpu").manual_seed(int(req.seed))

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from .safety import UnsafeModelError, check_under_roots
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ASSETS = os.path.join(ROOT, "assets", "models")
@@ -29,6 +31,45 @@ BUILTIN = {
                                   "ShapesWorld flow matching (shipped, 64x64)"),
 }
 DEFAULT_MODEL = "shapesworld"
+
+
+@dataclass
+class Policy:
+    """Which sources a session may load from.
+
+    Local (default): registered models, any local folder (or only those under `model_roots` when some
+    are configured), any hub id. Hosted (`hosted=True`, e.g. a public Space): registered models and the
+    configured hub ids only; local paths only under `model_roots`. Pickle checkpoints are refused
+    unless `allow_pickle` (a local setting; never honoured when hosted).
+    """
+
+    hosted: bool = False
+    allowed_hub_ids: tuple[str, ...] = ()
+    model_roots: tuple[str, ...] = ()
+    allow_pickle: bool = False
+
+    @staticmethod
+    def from_env() -> "Policy":
+        split = lambda v: tuple(x for x in (os.environ.get(v) or "").split(os.pathsep if v == "STUDIO_MODEL_ROOTS" else ",") if x)  # noqa: E731
+        hosted = os.environ.get("STUDIO_HOSTED", "").lower() in ("1", "true", "yes")
+        return Policy(hosted=hosted, allowed_hub_ids=split("STUDIO_HUB_IDS"), model_roots=split("STUDIO_MODEL_ROOTS"),
+                      allow_pickle=(not hosted) and os.environ.get("STUDIO_ALLOW_PICKLE", "").lower() in ("1", "true", "yes"))
+
+    def check_local_path(self, path: str) -> None:
+        roots = list(self.model_roots)
+        if self.hosted or roots:
+            check_under_roots(path, roots + [ASSETS])
+
+    def check(self, spec: "ModelSpec") -> None:
+        if self.hosted and self.allow_pickle:
+            raise UnsafeModelError("pickle checkpoints cannot be allowed on a hosted deployment")
+        if spec.source == "asset":
+            return
+        if spec.source == "hub":
+            if self.hosted and spec.location not in self.allowed_hub_ids:
+                raise UnsafeModelError(f"{spec.location} is not one of the models this deployment offers")
+            return
+        self.check_local_path(spec.location)
 
 
 def _looks_like_hub_id(s: str) -> bool:

@@ -22,6 +22,7 @@ class GenerateRequest:
     height: int | None = None
     eta: float = 0.0
     num_images: int = 1
+    loras: list[dict[str, Any]] = field(default_factory=list)  # [{"path": ..., "weight": ...}]
 
     def validate(self) -> None:
         if not isinstance(self.prompt, str):
@@ -38,6 +39,11 @@ class GenerateRequest:
             v = getattr(self, name)
             if v is not None and (int(v) <= 0 or int(v) % 8):
                 raise ValueError(f"{name} must be a positive multiple of 8 (got {v})")
+        for l in self.loras:
+            if not isinstance(l, dict) or "path" not in l:
+                raise ValueError("each LoRA needs a path (and optionally a weight)")
+            if not -4.0 <= float(l.get("weight", 1.0)) <= 4.0:
+                raise ValueError(f"LoRA weight {l.get('weight')} is outside [-4, 4]")
         if not (0 <= int(self.seed) < 2**63):
             raise ValueError(f"seed must be a non-negative integer below 2^63 (got {self.seed})")
 

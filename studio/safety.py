@@ -30,3 +30,33 @@ def check_model_folder(path: str, *, allow_pickle: bool = False) -> None:
             raise UnsafeModelError(
                 f"refusing to load pickle weights {os.path.join(root, pickles[0])}: pickle files can run code; "
                 "convert them to safetensors (or allow pickle checkpoints in the local settings)")
+
+
+def check_weights_file(path: str, *, allow_pickle: bool = False) -> None:
+    """A single weights file (LoRA, embedding, adapter): must exist and be safetensors unless pickle is allowed."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"weights file not found: {path}")
+    if path.lower().endswith(PICKLE_SUFFIXES) and not allow_pickle:
+        raise UnsafeModelError(f"refusing to load pickle weights {path}: pickle files can run code; convert them to safetensors")
+    if not path.lower().endswith(".safetensors") and not allow_pickle:
+        raise UnsafeModelError(f"refusing {path}: only .safetensors weights load")
+
+
+def is_within(path: str, root: str) -> bool:
+    """True when `path`, with every symlink resolved, lies inside `root` (also resolved)."""
+    p, r = os.path.realpath(path), os.path.realpath(root)
+    return p == r or p.startswith(r.rstrip(os.sep) + os.sep)
+
+
+def check_under_roots(path: str, roots: list[str]) -> None:
+    """Refuse a local path outside the allowed roots: no `..` escapes, no symlinks pointing out."""
+    ok = [r for r in roots if is_within(path, r)]
+    if not ok:
+        raise UnsafeModelError(f"{path} is outside the allowed model folders ({', '.join(roots) or 'none configured'})")
+    root = ok[0]
+    if os.path.isdir(path):
+        for dirpath, dirnames, files in os.walk(path):
+            for f in files + dirnames:
+                full = os.path.join(dirpath, f)
+                if os.path.islink(full) and not is_within(full, root):
+                    raise UnsafeModelError(f"{full} is a symlink that points outside the allowed model folders")

@@ -48,11 +48,16 @@ def _class(name: str):
     return getattr(diffusers, name)
 
 
-def make_schedule(scheduler_config: dict, sampler: str, num_steps: int) -> Schedule:
+def make_schedule(scheduler_config: dict, sampler: str, num_steps: int, *, sigmas=None, mu: float | None = None) -> Schedule:
     """The schedule of `sampler` for a model whose scheduler config is `scheduler_config`.
 
     Diffusion models accept the diffusion samplers and flow models the flow samplers; anything
     else raises ValueError with the list of valid samplers.
+
+    Flow models may pass the scheduler's own optional inputs (a family supplies them through
+    `Bundle.schedule_kwargs`): `sigmas`, a custom decreasing noise-level table of length
+    `num_steps` that the scheduler then shifts (FLUX uses linspace(1, 1/N, N)), and `mu`, the
+    resolution-dependent shift that configs with `use_dynamic_shifting` require.
     """
     if num_steps < 1:
         raise ValueError(f"steps must be at least 1 (got {num_steps})")
@@ -61,10 +66,21 @@ def make_schedule(scheduler_config: dict, sampler: str, num_steps: int) -> Sched
     if sampler not in valid:
         kind = "flow-matching" if is_flow else "diffusion"
         raise ValueError(f"sampler {sampler!r} does not apply to this {kind} model; choose one of {', '.join(valid)}")
+    extra = {k: v for k, v in (("sigmas", sigmas), ("mu", mu)) if v is not None}
+    if extra and not is_flow:
+        raise ValueError(f"{', '.join(extra)} apply to flow-matching schedules only")
+    if is_flow and scheduler_config.get("use_dynamic_shifting") and mu is None:
+        raise ValueError("this flow model's scheduler shifts its noise levels by image size (use_dynamic_shifting); "
+                         "the schedule needs mu, which the model family supplies")
     cls = _class(SAMPLER_SCHEDULERS[sampler])
     config = {k: v for k, v in scheduler_config.items() if not k.startswith("_")}
     sched = cls.from_config(config)
-    sched.set_timesteps(num_steps)
+    if extra:
+        if sigmas is not None:
+            extra["sigmas"] = [float(v) for v in sigmas]
+        sched.set_timesteps(num_steps, **extra)
+    else:
+        sched.set_timesteps(num_steps)
     T = int(sched.config.num_train_timesteps)
     if is_flow:
         s = sched.sigmas.to(torch.float64)

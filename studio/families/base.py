@@ -62,8 +62,24 @@ class Bundle:
     def encode_prompt(self, prompts: list[str]) -> Conditioning:
         raise NotImplementedError
 
+    def encode_negative_prompt(self, prompts: list[str]) -> Conditioning:
+        """Conditioning of the negative (unconditional) branch; "" when the request has no negative prompt.
+
+        The same as `encode_prompt` unless a family treats the empty negative prompt specially
+        (SDXL's `force_zeros_for_empty_prompt` uses zero embeddings).
+        """
+        return self.encode_prompt(prompts)
+
     def model(self, x: torch.Tensor, timestep: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         raise NotImplementedError
+
+    def schedule_kwargs(self, height: int, width: int, num_steps: int) -> dict[str, Any]:
+        """Extra inputs of `schedules.make_schedule` (`sigmas`, `mu`) for this model at this image size.
+
+        Empty unless the family's pipeline builds its noise levels from more than the scheduler
+        config (FLUX: a custom sigma table and a resolution-dependent shift).
+        """
+        return {}
 
     def latent_shape(self, batch: int, height: int, width: int) -> tuple[int, ...]:
         raise NotImplementedError
@@ -122,7 +138,7 @@ def load_bundle(path: str, *, name: str | None = None, family: str | None = None
                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                 allow_pickle: bool = False) -> Bundle:
     """Load a diffusers folder as a Bundle. Only the session manager should call this."""
-    from . import sd, shapesworld  # noqa: F401  (register the families)
+    from . import flux, sd, sd3, sdxl, shapesworld  # noqa: F401  (register the families)
 
     check_model_folder(path, allow_pickle=allow_pickle)
     family = family or detect_family(path)
