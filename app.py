@@ -15,9 +15,13 @@ from studio.session import SessionManager
 
 
 def header_markdown(session: SessionManager) -> str:
+    from studio.registry import BUILTIN, DEFAULT_MODEL, training_note
+
+    note = training_note(BUILTIN[DEFAULT_MODEL])
     return ("## Controllable Generation Studio\n"
             "Steer diffusion and flow models, compare methods side by side. "
-            f"Default model: **ShapesWorld** (shipped in `assets/`). Device: `{session.device}`.")
+            f"Default model: **ShapesWorld** (shipped in `assets/`{'; ' + note if note else ''}). "
+            f"Device: `{session.device}`.")
 
 
 def build_demo(session: SessionManager | None = None) -> gr.Blocks:

@@ -72,6 +72,22 @@ class Policy:
         self.check_local_path(spec.location)
 
 
+def training_note(spec: ModelSpec) -> str:
+    """For a shipped model, how far its recipe has trained (from its training.json), else ''."""
+    import json
+
+    path = os.path.join(spec.location, "training.json")
+    if spec.source != "asset" or not os.path.exists(path):
+        return ""
+    with open(path) as f:
+        info = json.load(f)
+    evals = [h["eval"] for h in info.get("history", []) if "eval" in h]
+    note = f"trained {info.get('step', 0)} steps ({info.get('elapsed', 0) / 3600:.1f} CPU-hours)"
+    if evals:
+        note += f"; prompt adherence {evals[-1].get('all_correct', 0):.0%} all-correct at CFG 5"
+    return note
+
+
 def _looks_like_hub_id(s: str) -> bool:
     parts = s.split("/")
     return len(parts) == 2 and all(parts) and not s.startswith((".", "/", "~")) and not os.path.exists(s)
