@@ -5,6 +5,11 @@
 Every control plugs in at a socket of this loop: prediction combination (guidance objects),
 energies and projections, attention hooks, model deltas and the start point / trajectory. All
 guidance branches of a step run in one batched forward pass.
+
+Plug-in adapters (studio/adapters) enter as `AdapterInputs`: ControlNet residuals are computed
+inside each batched model call and added to the UNet's skips; an IP-Adapter's image embeddings
+ride along as a conditioning tensor of each branch (the reference image for the prompt branch,
+the "no image" embedding for the negative branch).
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
+from .adapters import AdapterInputs
+from .adapters.controlnet import ControlUnit, residuals as control_residuals
 from .denoiser import Prediction, to_prediction
 from .families.base import Bundle, Conditioning
 from .guidance import StepInfo, get_guidance
@@ -55,12 +62,13 @@ class GuidedDenoiser:
     """Builds the denoise callable of the samplers: batches the guidance branches in one forward."""
 
     def __init__(self, bundle: Bundle, schedule: Schedule, guidance: Guidance, conds: dict[str, Conditioning],
-                 model: Optional[Callable] = None):
+                 model: Optional[Callable] = None, controls: Sequence[ControlUnit] = ()):
         self.bundle = bundle
         self.schedule = schedule
         self.guidance = guidance
         self.conds = conds
         self.model = model or bundle.model
+        self.controls = list(controls)  # prepared ControlNet units: residuals added inside every model call
         self.nfe = 0
         self._cat_cache: dict[tuple[str, ...], Conditioning] = {}
 
@@ -79,7 +87,13 @@ class GuidedDenoiser:
         n = len(branches)
         t = self.schedule.timesteps[min(i, len(self.schedule) - 1)]
         x_in = torch.cat([x] * n) if n > 1 else x
-        out = self.model(x_in, t, self._cond_for(branches))
+        cond = self._cond_for(branches)
+        kwargs = {}
+        if self.controls:
+            res = control_residuals(self.controls, x_in, t, cond.tensors["encoder_hidden_states"], i, len(self.schedule))
+            if res is not None:
+                kwargs["residuals"] = res
+        out = self.model(x_in, t, cond, **kwargs)
         self.nfe += n
         a, s = self.schedule.alpha[i], self.schedule.sigma[i]
         chunks = out.chunk(n) if n > 1 else (out,)
@@ -99,7 +113,7 @@ def initial_noise(bundle: Bundle, shape, generator: torch.Generator) -> torch.Te
 
 def generate(bundle: Bundle, req: GenerateRequest, *, callback=None, should_stop: Optional[Callable[[], bool]] = None,
              guidance: Optional[Guidance] = None, prompts: Optional[Sequence[str]] = None,
-             seeds: Optional[Sequence[int]] = None) -> RunResult:
+             seeds: Optional[Sequence[int]] = None, adapters: Optional[AdapterInputs] = None) -> RunResult:
     """Text-to-image with any sampler and guidance method; same request, same pixels.
 
     By default the batch repeats `req.prompt` and draws all `req.num_images` starting noises from one
@@ -110,6 +124,9 @@ def generate(bundle: Bundle, req: GenerateRequest, *, callback=None, should_stop
       starts where a single-image run with seed `seeds[k]` starts. With a deterministic sampler (ddim at
       eta 0, euler, dpmpp_2m, flow samplers) it then ends there too, up to float rounding of the batched
       forward; stochastic samplers draw their per-step noise from the generator of `seeds[0]`.
+
+    `adapters` (from the session, which loads them) adds ControlNets and an IP-Adapter's image
+    embeddings to the run; the control images are resized to the output size here.
     """
     req.validate()
     n = req.num_images
@@ -129,6 +146,13 @@ def generate(bundle: Bundle, req: GenerateRequest, *, callback=None, should_stop
         "cond": bundle.encode_prompt(list(prompts) if prompts is not None else [req.prompt] * n),
         "uncond": bundle.encode_negative_prompt([req.negative_prompt or ""] * n),
     }
+    controls = []
+    if adapters is not None:
+        controls = [u.prepared(height, width) for u in adapters.controls]
+        if adapters.image_embeds is not None:  # the prompt branch sees the reference image, every other branch none
+            pos, neg = adapters.image_embeds
+            for name, c in conds.items():
+                c.tensors["ip_image_embeds"] = torch.cat([pos if name == "cond" else neg] * n).to(bundle.device, bundle.dtype)
     if seeds is None:
         generator = torch.Generator("cpu").manual_seed(int(req.seed))
         x = initial_noise(bundle, bundle.latent_shape(n, height, width), generator)
@@ -136,7 +160,7 @@ def generate(bundle: Bundle, req: GenerateRequest, *, callback=None, should_stop
         generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
         x = torch.cat([initial_noise(bundle, bundle.latent_shape(1, height, width), g) for g in generators])
         generator = generators[0]
-    den = GuidedDenoiser(bundle, schedule, guidance, conds)
+    den = GuidedDenoiser(bundle, schedule, guidance, conds, controls=controls)
 
     def step_cb(i, x_i, pred):
         if should_stop is not None and should_stop():

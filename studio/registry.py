@@ -60,6 +60,15 @@ class Policy:
         if self.hosted or roots:
             check_under_roots(path, roots + [ASSETS])
 
+    def check_input_file(self, path: str) -> None:
+        """Input images named by a request. Hosted: only uploads (the temp folder) or the model roots."""
+        if not self.hosted:
+            return
+        import tempfile
+
+        uploads = [os.environ.get("GRADIO_TEMP_DIR") or os.path.join(tempfile.gettempdir(), "gradio"), tempfile.gettempdir()]
+        check_under_roots(path, list(self.model_roots) + uploads)
+
     def check(self, spec: "ModelSpec") -> None:
         if self.hosted and self.allow_pickle:
             raise UnsafeModelError("pickle checkpoints cannot be allowed on a hosted deployment")

@@ -23,6 +23,13 @@ class GenerateRequest:
     eta: float = 0.0
     num_images: int = 1
     loras: list[dict[str, Any]] = field(default_factory=list)  # [{"path": ..., "weight": ...}]
+    # textual-inversion embeddings: [{"path": <safetensors file>, "token": "<name>"}] (token optional for a
+    # file whose single key is the token, as diffusers saves them)
+    embeddings: list[dict[str, Any]] = field(default_factory=list)
+    # ControlNets: [{"model": <ControlNetModel folder>, "image": <control image>, "scale": 1.0, "start": 0.0, "stop": 1.0}]
+    controlnets: list[dict[str, Any]] = field(default_factory=list)
+    # IP-Adapter: {"path": <file or folder>, "image_encoder": <folder>, "image": <reference image>, "scale": 1.0}
+    ip_adapter: dict[str, Any] | None = None
 
     def validate(self) -> None:
         if not isinstance(self.prompt, str):
@@ -44,8 +51,42 @@ class GenerateRequest:
                 raise ValueError("each LoRA needs a path (and optionally a weight)")
             if not -4.0 <= float(l.get("weight", 1.0)) <= 4.0:
                 raise ValueError(f"LoRA weight {l.get('weight')} is outside [-4, 4]")
+        self._validate_adapters()
         if not (0 <= int(self.seed) < 2**63):
             raise ValueError(f"seed must be a non-negative integer below 2^63 (got {self.seed})")
+
+    def _validate_adapters(self) -> None:
+        """Shape and ranges of the adapter entries; files are checked when the session loads them."""
+        if not isinstance(self.embeddings, list) or not isinstance(self.controlnets, list):
+            raise ValueError("embeddings and controlnets must be lists")
+        for emb in self.embeddings:
+            if not isinstance(emb, dict) or not emb.get("path"):
+                raise ValueError("each embedding needs a path (and optionally a token)")
+            if emb.get("token") is not None and (not isinstance(emb["token"], str) or not emb["token"].strip()
+                                                 or len(emb["token"].split()) != 1):
+                raise ValueError(f"embedding token {emb.get('token')!r} must be one word without spaces")
+        if len(self.controlnets) > 8:
+            raise ValueError(f"at most 8 ControlNets at once (got {len(self.controlnets)})")
+        for cn in self.controlnets:
+            if not isinstance(cn, dict) or not cn.get("model") or not cn.get("image"):
+                raise ValueError("each ControlNet needs a model folder and a control image")
+            unknown = set(cn) - {"model", "image", "scale", "start", "stop"}
+            if unknown:
+                raise ValueError(f"unknown ControlNet field(s): {', '.join(sorted(unknown))}")
+            if not 0.0 <= float(cn.get("scale", 1.0)) <= 4.0:
+                raise ValueError(f"ControlNet scale {cn.get('scale')} is outside [0, 4]")
+            start, stop = float(cn.get("start", 0.0)), float(cn.get("stop", 1.0))
+            if not 0.0 <= start < stop <= 1.0:
+                raise ValueError(f"ControlNet window start={start}, stop={stop} must satisfy 0 <= start < stop <= 1")
+        ip = self.ip_adapter
+        if ip is not None:
+            if not isinstance(ip, dict) or not ip.get("path") or not ip.get("image"):
+                raise ValueError("the IP-Adapter needs a path and a reference image (and optionally an image_encoder)")
+            unknown = set(ip) - {"path", "image_encoder", "image", "scale"}
+            if unknown:
+                raise ValueError(f"unknown IP-Adapter field(s): {', '.join(sorted(unknown))}")
+            if not 0.0 <= float(ip.get("scale", 1.0)) <= 4.0:
+                raise ValueError(f"IP-Adapter scale {ip.get('scale')} is outside [0, 4]")
 
     def to_json(self) -> str:
         return json.dumps({"type": "generate", **asdict(self)}, sort_keys=True)

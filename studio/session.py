@@ -8,6 +8,11 @@
 - One run at a time on the device (a lock); each run gets a fresh schedule from the model's config.
 - Per-run patches (LoRA set and weights, attention processors, guidance perturbations) are applied
   for the run and restored afterwards, also when the run raises or is interrupted.
+- Adapters hot-swap without reloading the base model (`studio/adapters/`): textual-inversion tokens
+  are added to the model's tokenizer and embedding table once and persist (they change no prompt
+  that does not use them); ControlNets and IP-Adapters are loaded once per model, cached with it,
+  moved with it and counted in its bytes under the budget. An IP-Adapter's processors are installed
+  only for the runs that ask for it and the UNet's own processors are restored afterwards.
 """
 
 from __future__ import annotations
@@ -23,9 +28,10 @@ from typing import Callable, Optional
 import torch
 
 from . import runtime
+from .adapters import AdapterInputs, AdapterRefs, ControlUnit
 from .families import Bundle, load_bundle
 from .registry import ModelSpec, Policy, fetch_hub_model, resolve
-from .safety import check_weights_file
+from .safety import check_model_folder, check_weights_file
 
 
 class OutOfBudget(MemoryError):
@@ -49,12 +55,16 @@ def default_budget(device: str) -> int:
 
 
 def estimate_bytes(path: str, dtype: torch.dtype) -> int:
-    """Bytes the weights of a diffusers folder will take once loaded in `dtype` (read from safetensors headers)."""
+    """Bytes the weights of a diffusers folder (or one safetensors file) will take once loaded in `dtype`.
+
+    Read from the safetensors headers; no tensor is loaded.
+    """
     from safetensors import safe_open
 
     size = torch.tensor([], dtype=dtype).element_size()
     total = 0
-    for root, _, files in os.walk(path):
+    walk = [(os.path.dirname(path), [], [os.path.basename(path)])] if os.path.isfile(path) else os.walk(path)
+    for root, _, files in walk:
         for f in files:
             if f.endswith(".safetensors"):
                 with safe_open(os.path.join(root, f), framework="pt") as sf:
@@ -84,6 +94,16 @@ class _Entry:
     in_use: int = 0
     loras: dict = field(default_factory=dict)  # adapter name -> file path
     lora_layers: list = field(default_factory=list)  # the network's LoRA-wrapped layers (cached)
+    embeddings: dict = field(default_factory=dict)  # textual-inversion token -> file (persist once added)
+    adapters: dict = field(default_factory=dict)  # cache key -> ControlNet / IP-Adapter module, moved and counted with the model
+
+    def modules(self) -> list:
+        """Every module that lives with this model: its own and its cached adapters."""
+        return list(self.bundle.modules.values()) + list(self.adapters.values())
+
+    def refresh_bytes(self) -> None:
+        """Recount the model's bytes (call outside runs: an installed IP-Adapter would count twice)."""
+        self.bytes = self.bundle.memory_bytes() + sum(_module_bytes(m) for m in self.adapters.values())
 
 
 class SessionManager:
@@ -147,6 +167,7 @@ class SessionManager:
         e = self._entries.pop(key)
         self._note(f"drop {e.spec.name}")
         e.bundle.modules.clear()
+        e.adapters.clear()
         del e
         gc.collect()
         if torch.cuda.is_available():
@@ -158,7 +179,7 @@ class SessionManager:
             self._drop(key)
             return
         self._make_room("offload", e.bytes, keep=key)
-        for m in e.bundle.modules.values():
+        for m in e.modules():
             m.to("cpu")
         e.where = "offload"
         self._note(f"offload {e.spec.name}")
@@ -208,7 +229,7 @@ class SessionManager:
                 self._entries.move_to_end(key)
                 if e.where == "offload":
                     self._make_room("device", e.bytes, keep=key)
-                    for m in e.bundle.modules.values():
+                    for m in e.modules():
                         m.to(self.device)
                     e.where = "device"
                     self._note(f"reload {spec.name} from CPU RAM")
@@ -239,7 +260,8 @@ class SessionManager:
 
     def status(self) -> list[dict]:
         return [{"name": e.spec.name, "where": e.where, "bytes": e.bytes, "in_use": bool(e.in_use),
-                 "loras": sorted(e.loras)} for e in self._entries.values()]
+                 "loras": sorted(e.loras), "embeddings": sorted(e.embeddings), "adapters": sorted(e.adapters)}
+                for e in self._entries.values()]
 
     def unload(self, model: str | ModelSpec) -> None:
         spec = self.resolve(model)
@@ -290,7 +312,7 @@ class SessionManager:
         e.lora_layers = [m for m in unet.modules() if isinstance(m, BaseTunerLayer)]
         _activate(e.lora_layers, [], [])  # base state: loaded but inactive
         e.loras[name] = path
-        e.bytes = e.bundle.memory_bytes()
+        e.refresh_bytes()
         self._note(f"load LoRA {name} into {e.spec.name}")
         return name
 
@@ -303,19 +325,163 @@ class SessionManager:
                 unet.delete_adapters(list(e.loras))
                 e.loras.clear()
                 e.lora_layers = []
-                e.bytes = bundle.memory_bytes()
+                e.refresh_bytes()
 
+    # ------------------------------------------------------------------ plug-in adapters
+    def _attach(self, e: _Entry, key: str, paths: list[str], build: Callable[[], torch.nn.Module], label: str):
+        """Load an adapter module into `e`'s cache (once), on the device, counted in `e`'s bytes under the budget."""
+        if key in e.adapters:
+            return e.adapters[key]
+        self._make_room("device", sum(estimate_bytes(p, self.dtype) for p in paths), keep=e.spec.key)
+        module = build()
+        if any(p.is_floating_point() and p.dtype != self.dtype for p in module.parameters()):
+            module.to(dtype=self.dtype)
+        module.to(self.device)
+        module.eval()
+        module.requires_grad_(False)
+        e.adapters[key] = module
+        e.refresh_bytes()
+        try:
+            self._make_room("device", 0, keep=e.spec.key)  # the estimate may have been short
+            if self.accounted("device") > self.memory_budget:
+                raise OutOfBudget(f"{label} takes {_gib(_module_bytes(module))}: {e.spec.name} with it is over the "
+                                  f"budget of {_gib(self.memory_budget)}")
+        except OutOfBudget:
+            del e.adapters[key]
+            e.refresh_bytes()
+            raise
+        self._note(f"load {label} into {e.spec.name} ({_gib(_module_bytes(module))})")
+        self._track_peak()
+        return module
+
+    def _check_supported(self, bundle: Bundle, refs: AdapterRefs) -> None:
+        asked = [("embeddings", "textual-inversion embeddings", refs.embeddings),
+                 ("controlnets", "ControlNets", refs.controlnets), ("ip_adapter", "IP-Adapters", refs.ip_adapter)]
+        missing = [label for name, label, given in asked if given and name not in bundle.supported_adapters]
+        if missing:
+            raise ValueError(f"{bundle.name} ({bundle.family}) does not take {' or '.join(missing)} in this studio")
+
+    def _embedding(self, e: _Entry, ref) -> str:
+        """Add a textual-inversion embedding to the model's tokenizer and text encoder (once); returns its token."""
+        from .adapters.textual_inversion import add_embedding, read_embedding
+
+        path = os.path.abspath(os.path.expanduser(ref.path))
+        self.policy.check_local_path(path)
+        check_weights_file(path, allow_pickle=False)
+        real = os.path.realpath(path)
+        if ref.token is not None and e.embeddings.get(ref.token) == real:
+            return ref.token
+        token, vectors = read_embedding(path, ref.token)
+        if token in e.embeddings:
+            if e.embeddings[token] == real:
+                return token
+            raise ValueError(f"token {token!r} is already taken by the embedding {e.embeddings[token]}; "
+                             f"give {os.path.basename(path)} another token")
+        tokenizer, text_encoder = e.bundle.token_table()
+        add_embedding(tokenizer, text_encoder, token, vectors)
+        e.embeddings[token] = real
+        e.refresh_bytes()
+        self._note(f"add embedding {token} ({vectors.shape[0]} vector{'s' if vectors.shape[0] > 1 else ''}) to {e.spec.name}")
+        return token
+
+    def _controlnet(self, e: _Entry, path: str) -> torch.nn.Module:
+        """The cached ControlNet of folder `path` for model `e` (loaded on first use)."""
+        from .adapters.controlnet import check_fits, load_controlnet
+
+        path = os.path.abspath(os.path.expanduser(path))
+        self.policy.check_local_path(path)
+        check_model_folder(path, allow_pickle=False)
+
+        def build():
+            net = load_controlnet(path, self.dtype)
+            check_fits(net, e.bundle.modules["unet"], e.bundle.extra["latent_factor"], path)
+            return net
+
+        return self._attach(e, f"controlnet:{os.path.realpath(path)}", [path], build,
+                            f"ControlNet {os.path.basename(os.path.normpath(path))}")
+
+    def _ip_adapter(self, e: _Entry, ref):
+        """The cached IP-Adapter (processors, projection, image encoder) of `ref` for model `e`."""
+        from .adapters import ip_adapter
+
+        file = ip_adapter.weights_file(os.path.abspath(os.path.expanduser(ref.path)))
+        encoder = ip_adapter.encoder_folder(ref)
+        for p in (file, encoder):
+            self.policy.check_local_path(p)
+        check_weights_file(file, allow_pickle=False)
+        check_model_folder(encoder, allow_pickle=False)
+
+        def build():
+            from transformers import CLIPVisionModelWithProjection
+
+            sd = ip_adapter.read_state_dict(file)
+            enc = CLIPVisionModelWithProjection.from_pretrained(encoder, dtype=self.dtype, use_safetensors=True)
+            return ip_adapter.build(e.bundle.modules["unet"], sd, enc, file)
+
+        return self._attach(e, f"ip_adapter:{os.path.realpath(file)}:{os.path.realpath(encoder)}", [file, encoder],
+                            build, f"IP-Adapter {os.path.basename(file)}")
+
+    def unload_adapters(self, bundle: Bundle) -> None:
+        """Drop the cached ControlNets and IP-Adapters of a model (none is installed between runs).
+
+        Textual-inversion tokens stay: they are part of the tokenizer now and change no other prompt.
+        """
+        with self._lock:
+            e = self._entry_of(bundle)
+            if e.adapters:
+                e.adapters.clear()
+                e.refresh_bytes()
+                gc.collect()
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+
+    def load_adapters(self, bundle: Bundle, refs: AdapterRefs) -> None:
+        """Load (or find cached) every adapter `refs` names for `bundle`; nothing is installed."""
+        with self._lock:
+            e = self._entry_of(bundle)
+            self._check_supported(bundle, refs)
+            for ref in refs.embeddings:
+                self._embedding(e, ref)
+            for ref in refs.controlnets:
+                self._controlnet(e, ref.model)
+            if refs.ip_adapter is not None:
+                self._ip_adapter(e, refs.ip_adapter)
+
+    def adapter_inputs(self, bundle: Bundle, refs: AdapterRefs | None) -> AdapterInputs | None:
+        """The engine's per-run inputs for `refs`: ControlNet units and the IP-Adapter's image embeddings."""
+        if not refs:
+            return None
+        from .adapters.ip_adapter import encode_image
+
+        self.load_adapters(bundle, refs)
+        e = self._entry_of(bundle)
+        controls = [ControlUnit(self._controlnet(e, c.model), c.image, c.scale, c.start, c.stop) for c in refs.controlnets]
+        embeds = encode_image(self._ip_adapter(e, refs.ip_adapter), refs.ip_adapter.image) if refs.ip_adapter else None
+        return AdapterInputs(controls=controls, image_embeds=embeds)
+
+    # ------------------------------------------------------------------ per-run patches
     @contextlib.contextmanager
-    def patched(self, bundle: Bundle, loras: list[LoraRef] | None = None, extra: list | None = None):
-        """Apply per-run patches and restore the base state afterwards, whatever happens."""
+    def patched(self, bundle: Bundle, loras: list[LoraRef] | None = None, extra: list | None = None,
+                adapters: AdapterRefs | None = None):
+        """Apply per-run patches and restore the base state afterwards, whatever happens.
+
+        `adapters` are loaded (or found cached) first; of them only an IP-Adapter is a per-run patch
+        (its processors, projection and scale), undone when the block ends.
+        """
         net = bundle.modules.get("unet") or bundle.modules.get("transformer")
         saved_procs = dict(net.attn_processors) if net is not None and hasattr(net, "attn_processors") else None
         e = self._entry_of(bundle)
         try:
             with contextlib.ExitStack() as stack:
+                if adapters:
+                    self.load_adapters(bundle, adapters)
                 if loras:
                     names = [self._lora_name(e, l.path) for l in loras]
                     _activate(e.lora_layers, names, [float(l.weight) for l in loras])
+                if adapters and adapters.ip_adapter is not None:
+                    from .adapters.ip_adapter import installed
+
+                    stack.enter_context(installed(net, self._ip_adapter(e, adapters.ip_adapter), adapters.ip_adapter.scale))
                 for cm in extra or []:
                     stack.enter_context(cm)
                 yield bundle
@@ -334,19 +500,29 @@ class SessionManager:
         return self._stop.is_set()
 
     @contextlib.contextmanager
-    def run_scope(self, model: str | ModelSpec, loras: list[LoraRef] | None = None):
-        """One run: the device lock, the model held in use, patches applied and restored."""
+    def run_scope(self, model: str | ModelSpec, loras: list[LoraRef] | None = None, adapters: AdapterRefs | None = None):
+        """One run: the device lock, the model held in use, patches applied and restored.
+
+        With `adapters`, they are loaded before the block and an IP-Adapter is installed for it; the
+        engine's inputs for them come from `adapter_inputs(bundle, adapters)` inside the block.
+        """
         with self._run_lock:
             self._stop.clear()
-            with self.use(model) as bundle, self.patched(bundle, loras):
+            with self.use(model) as bundle, self.patched(bundle, loras, adapters=adapters):
                 yield bundle
 
     def generate(self, req, *, callback: Optional[Callable] = None):
         from .engine import generate
 
+        req.validate()
+        for image in [c.get("image") for c in req.controlnets] + [(req.ip_adapter or {}).get("image")]:
+            if image:
+                self.policy.check_input_file(image)
         loras = [LoraRef(**l) if isinstance(l, dict) else l for l in (req.loras or [])]
-        with self.run_scope(req.model, loras) as bundle:
-            return generate(bundle, req, callback=callback, should_stop=self.should_stop)
+        adapters = AdapterRefs.from_request(req)  # opens the images: bad files fail before any weights load
+        with self.run_scope(req.model, loras, adapters) as bundle:
+            return generate(bundle, req, callback=callback, should_stop=self.should_stop,
+                            adapters=self.adapter_inputs(bundle, adapters))
 
 
 def _activate(layers: list, names: list[str], weights: list[float]) -> None:
@@ -359,6 +535,10 @@ def _activate(layers: list, names: list[str], weights: list[float]) -> None:
         m.set_adapter(names, inference_mode=True)
         for n, w in zip(names, weights):
             m.set_scale(n, w)
+
+
+def _module_bytes(m: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in m.parameters()) + sum(b.numel() * b.element_size() for b in m.buffers())
 
 
 def _env_int(name: str) -> int | None:

@@ -181,3 +181,14 @@ def test_sources_policy(tiny_sd_dir, tmp_path):
     assert s.get(str(root / "ok")).family == "sd15"
     # the shipped assets are always allowed
     s.resolve("shapesworld")
+
+
+def test_hosted_input_images_only_from_uploads(tmp_path):
+    import tempfile
+
+    hosted = Policy(hosted=True)
+    with pytest.raises(UnsafeModelError, match="outside the allowed"):
+        hosted.check_input_file("/etc/hostname")
+    with tempfile.NamedTemporaryFile(suffix=".png") as f:
+        hosted.check_input_file(f.name)  # an upload: allowed
+    Policy().check_input_file("/etc/hostname")  # a local session reads what its user points at

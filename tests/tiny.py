@@ -230,3 +230,102 @@ def make_lora(model_dir: str, out_dir: str, seed: int = 0, rank: int = 4, scale:
     sd = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
     StableDiffusionPipeline.save_lora_weights(out_dir, unet_lora_layers=sd, safe_serialization=True)
     return os.path.join(out_dir, "pytorch_lora_weights.safetensors")
+
+
+# --- plug-in adapters: textual-inversion embeddings, ControlNets, IP-Adapters (tiny, seeded, safetensors)
+
+def make_embedding(out_file: str, token: str | None = "<cat-toy>", vectors: int = 1, dim: int = 32, seed: int = 0,
+                   key: str | None = None) -> str:
+    """A random textual-inversion embedding saved as safetensors.
+
+    key None: diffusers' format `{token: (vectors, dim)}`; key "emb_params": the A1111 layout, whose
+    token must be passed when loading.
+    """
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(seed)
+    save_file({key or token: torch.randn(vectors, dim, generator=g)}, out_file)
+    return out_file
+
+
+def make_controlnet(model_dir: str, out_dir: str, seed: int = 0, scale: float = 0.05,
+                    conditioning_channels=(16, 32)) -> str:
+    """A ControlNet made from the UNet of `model_dir` (diffusers' `from_unet`), its zero convs randomised.
+
+    A fresh ControlNet has zero-initialised output convolutions (it adds nothing); random ones make
+    it change the output, as diffusers' tests do. Saved with save_pretrained (safetensors).
+    `conditioning_channels` sets how far the control image is downsampled: 2^(len - 1), which must be
+    the model's latent factor (2 for the tiny SD, 4 for ShapesWorld).
+    """
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet")
+    torch.manual_seed(seed)
+    net = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=tuple(conditioning_channels))
+    g = torch.Generator().manual_seed(seed + 1000)
+    with torch.no_grad():
+        for m in list(net.controlnet_down_blocks) + [net.controlnet_mid_block, net.controlnet_cond_embedding.conv_out]:
+            for p in m.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * scale)
+    net.save_pretrained(out_dir, safe_serialization=True)
+    return out_dir
+
+
+def image_encoder(seed: int = 0):
+    """A tiny CLIPVisionModelWithProjection: hidden 32, 32x32 images in 4x4 patches, projection 32, 2 layers."""
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    torch.manual_seed(seed)
+    cfg = CLIPVisionConfig(hidden_size=32, image_size=32, patch_size=4, projection_dim=32, num_hidden_layers=2,
+                           num_attention_heads=4, intermediate_size=37)
+    return CLIPVisionModelWithProjection(cfg).eval()
+
+
+def make_ip_adapter(model_dir: str, out_dir: str, seed: int = 0, scale: float = 0.3) -> str:
+    """A random IP-Adapter for the UNet of `model_dir` in diffusers' safetensors layout; returns the folder.
+
+    The folder holds `ip-adapter.safetensors` ("image_proj.proj.*", "image_proj.norm.*" for an
+    ImageProjection with 4 tokens; "ip_adapter.<n>.to_k_ip.weight" / "to_v_ip.weight" with n = 1, 3,
+    5, ... over the cross-attention layers in `attn_processors` order, as `load_ip_adapter` numbers
+    them) and `image_encoder/` (the tiny CLIP vision model).
+    """
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import save_file
+
+    unet = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet")
+    enc = image_encoder(seed)
+    enc.save_pretrained(os.path.join(out_dir, "image_encoder"), safe_serialization=True)
+    g = torch.Generator().manual_seed(seed + 2000)
+    cross, emb = unet.config.cross_attention_dim, enc.config.projection_dim
+    rand = lambda *shape: torch.randn(*shape, generator=g) * scale  # noqa: E731
+    sd = {"image_proj.proj.weight": rand(4 * cross, emb), "image_proj.proj.bias": rand(4 * cross),
+          "image_proj.norm.weight": 1 + rand(cross), "image_proj.norm.bias": rand(cross)}
+    key_id = 1
+    for name in unet.attn_processors:
+        if name.endswith("attn1.processor"):
+            continue
+        block = name.split(".")[0]
+        if block == "mid_block":
+            hidden = unet.config.block_out_channels[-1]
+        elif block == "up_blocks":
+            hidden = list(reversed(unet.config.block_out_channels))[int(name.split(".")[1])]
+        else:
+            hidden = unet.config.block_out_channels[int(name.split(".")[1])]
+        sd[f"ip_adapter.{key_id}.to_k_ip.weight"] = rand(hidden, cross)
+        sd[f"ip_adapter.{key_id}.to_v_ip.weight"] = rand(hidden, cross)
+        key_id += 2
+    save_file(sd, os.path.join(out_dir, "ip-adapter.safetensors"))
+    return out_dir
+
+
+def make_image(out_file: str, size=(40, 48), mode: str = "RGB", seed: int = 0) -> str:
+    """A random image file (width, height) = size in `mode`: a control or reference image for the tests."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    arr = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    # smooth structure (blocks) so resizing keeps a signal
+    arr[: size[1] // 2, : size[0] // 2] = [230, 30, 30]
+    Image.fromarray(arr).convert(mode).save(out_file)
+    return out_file

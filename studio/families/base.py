@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -46,6 +46,9 @@ class Bundle:
     label: str = ""  # shown in the UI next to the model name
     extra: dict[str, Any] = field(default_factory=dict)
 
+    # plug-in adapters the family takes (studio/adapters): "embeddings", "controlnets", "ip_adapter"
+    supported_adapters: ClassVar[tuple[str, ...]] = ()
+
     @property
     def device(self) -> torch.device:
         return next(iter(self.modules.values())).device if self.modules else torch.device("cpu")
@@ -71,6 +74,12 @@ class Bundle:
         return self.encode_prompt(prompts)
 
     def model(self, x: torch.Tensor, timestep: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """The network's output for x at `timestep`; families that take ControlNets also accept
+        `residuals=(down, mid)` to add to the UNet's skip connections and middle block."""
+        raise NotImplementedError
+
+    def token_table(self):
+        """(tokenizer, text encoder) that textual-inversion tokens are added to (families with "embeddings")."""
         raise NotImplementedError
 
     def schedule_kwargs(self, height: int, width: int, num_steps: int) -> dict[str, Any]:

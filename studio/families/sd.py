@@ -5,28 +5,49 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
+from ..adapters.textual_inversion import expand_prompt
 from .base import Bundle, Conditioning, register_family
 
 
 @dataclass
 class SDBundle(Bundle):
+    """SD 1.x/2.x. Takes textual-inversion embeddings, ControlNets and an IP-Adapter (studio/adapters):
+
+    prompts spell multi-vector embedding tokens out before tokenizing (as the pipeline does), a
+    conditioning tensor "ip_image_embeds" goes to the UNet as `added_cond_kwargs["image_embeds"]`,
+    and ControlNet `residuals` are added to its skip connections and middle block.
+    """
+
+    supported_adapters: ClassVar[tuple[str, ...]] = ("embeddings", "controlnets", "ip_adapter")
+
     def _tokenizer(self):
         return self.extra["tokenizer"]
+
+    def token_table(self):
+        return self.extra["tokenizer"], self.modules["text_encoder"]
 
     def encode_prompt(self, prompts: list[str]) -> Conditioning:
         tok = self._tokenizer()
         te = self.modules["text_encoder"]
+        prompts = [expand_prompt(p, tok) for p in prompts]
         ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt")
         mask = ids.attention_mask.to(self.device) if getattr(te.config, "use_attention_mask", False) else None
         with torch.inference_mode():
             hidden = te(ids.input_ids.to(self.device), attention_mask=mask)[0]
         return Conditioning({"encoder_hidden_states": hidden.to(self.dtype)})
 
-    def model(self, x, timestep, cond: Conditioning):
-        return self.modules["unet"](x, timestep, encoder_hidden_states=cond.tensors["encoder_hidden_states"], return_dict=False)[0]
+    def model(self, x, timestep, cond: Conditioning, residuals=None):
+        kwargs = {}
+        if "ip_image_embeds" in cond.tensors:
+            kwargs["added_cond_kwargs"] = {"image_embeds": [cond.tensors["ip_image_embeds"]]}
+        if residuals is not None:
+            kwargs["down_block_additional_residuals"], kwargs["mid_block_additional_residual"] = residuals
+        return self.modules["unet"](x, timestep, encoder_hidden_states=cond.tensors["encoder_hidden_states"],
+                                    return_dict=False, **kwargs)[0]
 
     def latent_shape(self, batch, height, width):
         f = self.extra["latent_factor"]
