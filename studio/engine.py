@@ -75,7 +75,9 @@ class GuidedDenoiser:
     def step_info(self, i: int) -> StepInfo:
         i_c = min(i, len(self.schedule) - 1)
         return StepInfo(index=i_c, num_steps=len(self.schedule), t=self.schedule.t(i_c),
-                        alpha=float(self.schedule.alpha[i]), sigma=float(self.schedule.sigma[i]))
+                        alpha=float(self.schedule.alpha[i]), sigma=float(self.schedule.sigma[i]),
+                        alpha_next=float(self.schedule.alpha[i_c + 1]), sigma_next=float(self.schedule.sigma[i_c + 1]),
+                        prediction_type=self.bundle.prediction_type)
 
     def _cond_for(self, branches: tuple[str, ...]) -> Conditioning:
         if branches not in self._cat_cache:
@@ -142,10 +144,13 @@ def generate(bundle: Bundle, req: GenerateRequest, *, callback=None, should_stop
                              **bundle.schedule_kwargs(height, width, int(req.steps)))
     guidance = guidance or get_guidance(req.guidance, guidance_scale=req.guidance_scale, **req.guidance_params)
     guidance.reset()
-    conds = {
-        "cond": bundle.encode_prompt(list(prompts) if prompts is not None else [req.prompt] * n),
-        "uncond": bundle.encode_negative_prompt([req.negative_prompt or ""] * n),
-    }
+    conds = {"cond": bundle.encode_prompt(list(prompts) if prompts is not None else [req.prompt] * n)}
+    if "negative" in getattr(guidance, "all_branches", ()):
+        # the negative prompt is its own term (survey §4.2, second form); the unconditional branch is empty
+        conds["uncond"] = bundle.encode_negative_prompt([""] * n)
+        conds["negative"] = bundle.encode_prompt([req.negative_prompt or ""] * n)
+    else:
+        conds["uncond"] = bundle.encode_negative_prompt([req.negative_prompt or ""] * n)
     controls = []
     if adapters is not None:
         controls = [u.prepared(height, width) for u in adapters.controls]

@@ -1,21 +1,33 @@
 """The guidance contract shared by every method (survey Part II; STYLE item 2).
 
 Every method is a `Guidance`: it says which network predictions it needs at each step
-(`branches`), combines them in a pure `combine`, acts only inside its [start, stop) window of
-steps (outside, it falls back to the plain conditional prediction unless it says otherwise), and
-restores any model perturbation it installs (`patch`, a context manager around the run).
+(`branches`), combines them in `combine`, acts only inside its [start, stop) window of steps
+(outside, it falls back to the plain conditional prediction unless it says otherwise), and restores
+any model perturbation it installs (`patch`, a context manager around the run). `combine` is a pure
+function of its inputs except for the per-run state a few methods keep (APG's momentum, Adaptive
+Guidance's switch), which `reset()` clears before every run.
 
 Branch names the engine understands:
-  "cond"    the prompt's conditioning,
-  "uncond"  the negative prompt's conditioning (the empty prompt when there is none).
-Later methods add branches that perturb the network (they declare them and install the
-perturbation in `patch`).
+  "cond"      the prompt's conditioning,
+  "uncond"    the negative prompt's conditioning (the empty prompt when there is none), except for
+              methods whose `all_branches` include "negative": then "uncond" is the empty prompt,
+  "negative"  the negative prompt's conditioning, kept apart from the empty prompt (survey §4.2's
+              explicit subtractive term, `negative_term.py`).
+A method lists every branch it may ask for in the class attribute `all_branches`, so the engine can
+encode them once before the run. Later methods add branches that perturb the network (they declare
+them and install the perturbation in `patch`).
+
+Every `combine` returns a `Prediction` consistent with the state, x = alpha * x0 + sigma * eps:
+affine rules apply the same weights to x0 and eps; nonlinear rules compute in their own space (each
+file says which) and convert back with the step's alpha and sigma.
 """
 
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field, fields
+import importlib
+from dataclasses import dataclass, fields
+from typing import Optional
 
 import torch
 
@@ -29,11 +41,63 @@ class StepInfo:
     t: float  # normalised time in [0, 1], 1 = pure noise
     alpha: float
     sigma: float
+    # Optional, filled by the engine (methods that need them say so):
+    alpha_next: Optional[float] = None  # the level the sampler steps to: schedule.alpha[i + 1]
+    sigma_next: Optional[float] = None  # schedule.sigma[i + 1]
+    prediction_type: Optional[str] = None  # the network's output: epsilon | v_prediction | sample | flow
 
     @property
     def fraction(self) -> float:
         """Fraction of the run completed before this step, in [0, 1)."""
         return self.index / max(1, self.num_steps)
+
+    @property
+    def is_flow(self) -> bool:
+        """Rectified flow (alpha + sigma = 1) rather than variance preserving (alpha^2 + sigma^2 = 1).
+
+        Read from `prediction_type` when the engine gives it; otherwise from the noise levels. The two
+        families share only the end points (alpha, sigma) = (0, 1) and (1, 0), which read as flow."""
+        if self.prediction_type is not None:
+            return self.prediction_type == "flow"
+        levels = [(self.alpha, self.sigma)]
+        if self.alpha_next is not None and self.sigma_next is not None:
+            levels.append((self.alpha_next, self.sigma_next))
+        for a, s in levels:
+            if abs(a + s - 1.0) > 1e-6:
+                return False
+            if abs(a * a + s * s - 1.0) > 1e-6:
+                return True
+        return True
+
+
+def prediction_for_step(x: torch.Tensor, x_next: torch.Tensor, step: StepInfo) -> Prediction:
+    """The prediction (x0, eps) consistent with the state, alpha x0 + sigma eps = x, whose first-order
+    step lands on `x_next`: alpha' x0 + sigma' eps = x_next (alpha', sigma' = step.alpha_next, sigma_next).
+
+    DDIM (eta = 0) and Euler step to alpha' x0 + sigma' eps, and the flow Euler step
+    x + (sigma' - sigma)(eps - x0) is the same point for a consistent prediction, so all of them land
+    exactly on `x_next`. Solved in float64; the 2x2 system is regular whenever the signal-to-noise ratio
+    changes over the step (alpha sigma' != sigma alpha')."""
+    if step.alpha_next is None or step.sigma_next is None:
+        raise ValueError("this guidance needs the next noise level (StepInfo.alpha_next, sigma_next), "
+                         "which the engine fills")
+    a, s, a1, s1 = step.alpha, step.sigma, step.alpha_next, step.sigma_next
+    det = a * s1 - s * a1
+    if abs(det) < 1e-12:
+        raise ValueError(f"step {step.index}: the noise level does not change (alpha={a}, sigma={s}), "
+                         "so no prediction moves the state")
+    xd, nd = x.double(), x_next.double()
+    x0 = (s1 * xd - s * nd) / det
+    eps = (a * nd - a1 * xd) / det
+    return Prediction(x0.to(x.dtype), eps.to(x.dtype))
+
+
+def check_range(method: str, param: str, value, lo: float, hi: float, *, open_lo: bool = False) -> None:
+    """Raise ValueError naming `param` unless lo <= value <= hi (lo < value when `open_lo`)."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not (number and (lo < value if open_lo else lo <= value) and value <= hi):
+        bracket = "(" if open_lo else "["
+        raise ValueError(f"{method}: {param}={value!r} is outside {bracket}{lo}, {hi}]")
 
 
 @dataclass
@@ -47,11 +111,10 @@ class Guidance:
     name = "base"
     space = "any"  # the parameterization the combination rule is written in
     scale_range = (0.0, 30.0)
+    all_branches = ("uncond", "cond")  # every branch `branches` may return (a class attribute, not a parameter)
 
     def validate(self) -> None:
-        lo, hi = self.scale_range
-        if not (lo <= self.guidance_scale <= hi):
-            raise ValueError(f"{self.name}: guidance scale {self.guidance_scale} is outside [{lo}, {hi}]")
+        check_range(self.name, "guidance_scale", self.guidance_scale, *self.scale_range)
         if not (0.0 <= self.start <= self.stop <= 1.0):
             raise ValueError(f"{self.name}: window start={self.start}, stop={self.stop} must satisfy 0 <= start <= stop <= 1")
 
@@ -89,10 +152,26 @@ def register(cls: type[Guidance]) -> type[Guidance]:
     return cls
 
 
+# The built-in methods, one file each; importing a file registers its method.
+METHOD_MODULES = ("cfg", "negative_term", "interval", "apg", "cfg_pp", "tcfg", "tag", "adaptive", "beta_cfg",
+                  "cfg_zero_star")
+
+
+def load_methods() -> dict[str, type[Guidance]]:
+    """Import (and so register) every built-in method; returns the registry."""
+    for module in METHOD_MODULES:
+        importlib.import_module(f"{__package__}.{module}")
+    return GUIDANCE_METHODS
+
+
+def guidance_names() -> list[str]:
+    """The names `get_guidance` accepts, sorted."""
+    return sorted(load_methods())
+
+
 def get_guidance(name: str, **params) -> Guidance:
     """Build a guidance method by its name (the file name in studio/guidance/) with its parameters."""
-    from . import cfg  # noqa: F401  (registers the built-in methods)
-
+    load_methods()
     if name not in GUIDANCE_METHODS:
         raise ValueError(f"unknown guidance {name!r}; available: {', '.join(sorted(GUIDANCE_METHODS))}")
     cls = GUIDANCE_METHODS[name]
