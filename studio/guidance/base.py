@@ -17,6 +17,17 @@ A method lists every branch it may ask for in the class attribute `all_branches`
 encode them once before the run. Later methods add branches that perturb the network (they declare
 them and install the perturbation in `patch`).
 
+Internal-contrast methods (survey §5.2) add two hooks, both no-ops by default:
+  "<name>_perturbed"  (e.g. "cond_perturbed", "uncond_perturbed") runs in the same batched forward as
+              the other branches, with the conditioning of "<name>"; before every forward the engine
+              calls `before_forward(branches, rows, x_in)` with the batch rows of each branch, and the
+              method's attention processors (installed in `patch`) perturb only the rows of the
+              perturbed branches (PAG, SEG);
+  `extra_forwards(preds, step, x)` asks for more forward passes after the step's batched forward,
+              each an `ExtraForward` with its own input state, conditioning and network (SAG's
+              degraded input, whose mask comes from the first pass's attention; AutoGuidance's weak
+              model). Their predictions join `preds` under their branch names before `combine`.
+
 Every `combine` returns a `Prediction` consistent with the state, x = alpha * x0 + sigma * eps:
 affine rules apply the same weights to x0 and eps; nonlinear rules compute in their own space (each
 file says which) and convert back with the step's alpha and sigma.
@@ -140,8 +151,43 @@ class Guidance:
         """Install model perturbations for the run and restore them afterwards (none by default)."""
         yield
 
+    def before_forward(self, branches: tuple[str, ...], rows: dict[str, slice], x_in: torch.Tensor) -> None:
+        """Called by the engine before every network forward: `rows[b]` are the batch rows of branch b in
+        `x_in`. Methods whose processors perturb some rows (survey §5.2) record them here; none by default."""
+
+    def extra_forwards(self, preds: dict[str, Prediction], step: StepInfo, x: torch.Tensor) -> tuple["ExtraForward", ...]:
+        """Forward passes to run after the step's batched forward, from its predictions; none by default."""
+        return ()
+
     def params(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+PERTURBED_SUFFIX = "_perturbed"
+
+
+def conditioning_branch(branch: str) -> str:
+    """The encoded conditioning a branch runs with: "cond_perturbed" -> "cond", "cond" -> "cond"."""
+    return branch[: -len(PERTURBED_SUFFIX)] if branch.endswith(PERTURBED_SUFFIX) else branch
+
+
+def is_perturbed(branch: str) -> bool:
+    """Whether the network runs perturbed (by the method's processors) on this branch's rows."""
+    return branch.endswith(PERTURBED_SUFFIX)
+
+
+@dataclass
+class ExtraForward:
+    """One more forward pass of a step (survey §5.2.2 SAG, §5.2.5 AutoGuidance), asked for by `extra_forwards`.
+
+    The engine batches the extra forwards of a step that share a network into one call and adds their
+    predictions to `preds` as `branch`; each prediction is consistent with its own input state `x`.
+    """
+
+    branch: str  # the name of its prediction in `preds`
+    conditioning: str  # the encoded conditioning it runs with: "cond", "uncond", ...
+    x: Optional[torch.Tensor] = None  # its input state; None: the step's state
+    module: str = "unet"  # the bundle module that runs as the network (e.g. "unet_weak")
 
 
 GUIDANCE_METHODS: dict[str, type[Guidance]] = {}
@@ -155,6 +201,8 @@ def register(cls: type[Guidance]) -> type[Guidance]:
 # The built-in methods, one file each; importing a file registers its method.
 METHOD_MODULES = ("cfg", "negative_term", "interval", "apg", "cfg_pp", "tcfg", "tag", "adaptive", "beta_cfg",
                   "cfg_zero_star")
+# internal-contrast self-guidance (survey §5.2): perturbed attention, smoothed energy, self-attention, weak model
+METHOD_MODULES += ("pag", "seg", "sag", "autoguidance")
 
 
 def load_methods() -> dict[str, type[Guidance]]:
