@@ -25,12 +25,13 @@ def header_markdown(session: SessionManager) -> str:
 
 
 def build_demo(session: SessionManager | None = None) -> gr.Blocks:
-    from tabs import generate
+    from tabs import generate, guidance
 
     session = session or SessionManager()
     with gr.Blocks(title="Controllable Generation Studio") as demo:
         gr.Markdown(header_markdown(session))
         with gr.Tabs():
+            guidance.build(session)
             generate.build(session)
     return demo
 

@@ -96,3 +96,48 @@ class GenerateRequest:
         known = {f.name for f in fields(cls)}
         d = {k: v for k, v in d.items() if k in known}
         return cls(**d)
+
+
+@dataclass
+class MethodSpec:
+    """One guidance method of a comparison, with its own parameters (guidance_scale included)."""
+
+    name: str
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class CompareRequest:
+    """Several guidance methods (optionally swept over one parameter) on one prompt and one seed."""
+
+    base: GenerateRequest
+    methods: list[MethodSpec]
+    sweep_param: str | None = None  # e.g. "guidance_scale"
+    sweep_values: list[float] = field(default_factory=list)
+
+    MAX_IMAGES = 64
+
+    def validate(self) -> None:
+        self.base.validate()
+        if not self.methods:
+            raise ValueError("pick at least one guidance method to compare")
+        if self.sweep_param and not self.sweep_values:
+            raise ValueError(f"give at least one value to sweep {self.sweep_param} over")
+        n = len(self.methods) * max(1, len(self.sweep_values))
+        if n > self.MAX_IMAGES:
+            raise ValueError(f"{n} images requested; at most {self.MAX_IMAGES} per comparison")
+
+    def cells(self) -> list[tuple[MethodSpec, dict[str, Any]]]:
+        """(method, full parameters) for every image, methods in rows and sweep values in columns."""
+        out = []
+        for m in self.methods:
+            params = {"guidance_scale": self.base.guidance_scale, **m.params}
+            if self.sweep_param:
+                for v in self.sweep_values:
+                    out.append((m, {**params, self.sweep_param: v}))
+            else:
+                out.append((m, params))
+        return out
+
+    def to_json(self) -> str:
+        return json.dumps({"type": "compare", **asdict(self)}, sort_keys=True)

@@ -122,6 +122,7 @@ class SessionManager:
         self._lock = threading.RLock()  # guards the cache
         self._run_lock = threading.Lock()  # one run at a time on the device
         self._stop = threading.Event()
+        self._job_depth = 0  # inside a job of several runs, Stop ends the whole job
         self.peak_accounted = {"device": 0, "offload": 0}
         self.events: list[str] = []  # load / offload / drop log, newest last
 
@@ -500,6 +501,17 @@ class SessionManager:
         return self._stop.is_set()
 
     @contextlib.contextmanager
+    def job(self):
+        """A job of several runs (a comparison, a sweep, an evaluation): Stop ends all of it."""
+        if self._job_depth == 0:
+            self._stop.clear()
+        self._job_depth += 1
+        try:
+            yield self
+        finally:
+            self._job_depth -= 1
+
+    @contextlib.contextmanager
     def run_scope(self, model: str | ModelSpec, loras: list[LoraRef] | None = None, adapters: AdapterRefs | None = None):
         """One run: the device lock, the model held in use, patches applied and restored.
 
@@ -507,7 +519,8 @@ class SessionManager:
         engine's inputs for them come from `adapter_inputs(bundle, adapters)` inside the block.
         """
         with self._run_lock:
-            self._stop.clear()
+            if self._job_depth == 0:
+                self._stop.clear()
             with self.use(model) as bundle, self.patched(bundle, loras, adapters=adapters):
                 yield bundle
 

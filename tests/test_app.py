@@ -76,3 +76,31 @@ def test_empty_prompt_is_a_clear_error(app_url):
     # the session is still usable afterwards
     image, info, _ = client.predict("shapesworld", "a red circle", "", "default", 2, 5.0, 0, 0, 0, api_name="/generate")
     assert np.asarray(Image.open(image)).shape == (64, 64, 3)
+
+
+def test_guidance_comparison_through_api(app_url):
+    from gradio_client import Client
+
+    client = Client(app_url, verbose=False)
+    names = client.view_api(return_format="dict")["named_endpoints"]
+    assert {"/guidance_compare", "/guidance_stop", "/guidance_restore"} <= set(names)
+    gallery, files, table = client.predict(
+        "shapesworld", "a small blue square at the top on a white background", "", ["cfg", "apg"], "{}",
+        "default", 3, 5.0, 11, "none", "", api_name="/guidance_compare")
+    assert len(gallery) == 2
+    captions = [g["caption"] for g in gallery]
+    assert captions[0].startswith("cfg") and captions[1].startswith("apg")
+    assert all("seed 11" in c and "NFE" in c and "[color" in c for c in captions)
+    assert [row[0] for row in table["data"]] == ["cfg", "apg"]
+
+
+def test_guidance_bad_input_is_a_clear_error(app_url):
+    from gradio_client import Client
+
+    client = Client(app_url, verbose=False)
+    with pytest.raises(Exception, match="at least one guidance method"):
+        client.predict("shapesworld", "a red circle", "", [], "{}", "default", 3, 5.0, 0, "none", "",
+                       api_name="/guidance_compare")
+    with pytest.raises(Exception, match="JSON"):
+        client.predict("shapesworld", "a red circle", "", ["cfg"], "{bad", "default", 3, 5.0, 0, "none", "",
+                       api_name="/guidance_compare")

@@ -304,3 +304,61 @@ def with_attribute(scene: Scene, index: int, **changes) -> Scene:
     objs = list(scene.objects)
     objs[index] = replace(objs[index], **changes)
     return replace(scene, objects=tuple(objs))
+
+
+# ----------------------------------------------------------------------------- parsing
+
+_OBJECT_WORDS = {"size": set(SIZES), "color": set(COLORS), "shape": set(SHAPES) | set(HELD_OUT_SHAPES),
+                 "texture": {t for t in TEXTURES + HELD_OUT_TEXTURES if t != "plain"}}
+_PHRASE_TO_POSITION = {v: k for k, v in POSITION_PHRASES.items()}
+
+
+def _parse_object(words: list[str]):
+    if not words or words[0] not in ("a", "an"):
+        return None
+    words = words[1:]
+    size = texture = position = None
+    if words and words[0] in _OBJECT_WORDS["size"]:
+        size, words = words[0], words[1:]
+    if words and words[0] in _OBJECT_WORDS["texture"]:
+        texture, words = words[0], words[1:]
+    if len(words) < 2 or words[0] not in _OBJECT_WORDS["color"] or words[1] not in _OBJECT_WORDS["shape"]:
+        return None
+    color, shape, rest = words[0], words[1], words[2:]
+    if rest:
+        position = _PHRASE_TO_POSITION.get(" ".join(rest))
+        if position is None:
+            return None
+    return ObjectSpec(shape=shape, color=color, size=size or "small", position=position or "center",
+                      texture=texture or "plain"), size is not None, position is not None
+
+
+def parse_caption(text: str) -> Scene | None:
+    """The scene a ShapesWorld caption describes, or None when the text is not in the grammar.
+
+    Attributes the caption leaves out get placeholder values and are marked unmentioned, so the
+    evaluator checks only what the prompt asked for."""
+    words = text.lower().replace(",", " ").split()
+    background, mention_bg = "gray", False
+    if len(words) >= 4 and words[-1] == "background" and words[-4:-2] == ["on", "a"] and words[-2] in BACKGROUNDS:
+        background, mention_bg, words = words[-2], True, words[:-4]
+    parts, cur = [], []
+    for w in words:
+        if w == "and":
+            parts.append(cur)
+            cur = []
+        else:
+            cur.append(w)
+    parts.append(cur)
+    if not 1 <= len(parts) <= 2:
+        return None
+    parsed = [_parse_object(p) for p in parts]
+    if any(p is None for p in parsed):
+        return None
+    objs = tuple(p[0] for p in parsed)
+    if len(objs) == 2:
+        pos = (objs[0].position if parsed[0][2] else None, objs[1].position if parsed[1][2] else None)
+        if pos[0] and pos[1] and (pos[0], pos[1]) not in POSITION_PAIRS:
+            return None
+    return Scene(objects=objs, background=background, mention_size=tuple(p[1] for p in parsed),
+                 mention_position=tuple(p[2] for p in parsed), mention_background=mention_bg)
