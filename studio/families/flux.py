@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from .base import Bundle, Conditioning, register_family
-from .sd import read_scheduler_config
+from .sd import read_scheduler_config, vae_decode, vae_encode
 from .sd3 import batch_timestep, calculate_shift
 
 DEFAULT_DISTILLED_GUIDANCE = 3.5
@@ -103,14 +103,10 @@ class FluxBundle(Bundle):
         return (batch, c, 2 * (height // (f * 2)), 2 * (width // (f * 2)))
 
     def decode(self, latents):
-        vae = self.modules["vae"]
-        z = latents / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
-        return vae.decode(z.to(vae.dtype), return_dict=False)[0]
+        return vae_decode(self.modules["vae"], latents)
 
     def encode(self, images):
-        vae = self.modules["vae"]
-        z = vae.encode(images.to(vae.dtype)).latent_dist.mean
-        return (z - (vae.config.shift_factor or 0.0)) * vae.config.scaling_factor
+        return vae_encode(self.modules["vae"], images)
 
 
 @register_family("flux")

@@ -54,12 +54,22 @@ class SDBundle(Bundle):
         return (batch, self.modules["unet"].config.in_channels, height // f, width // f)
 
     def decode(self, latents):
-        vae = self.modules["vae"]
-        return vae.decode(latents / vae.config.scaling_factor, return_dict=False)[0]
+        return vae_decode(self.modules["vae"], latents)
 
     def encode(self, images):
-        vae = self.modules["vae"]
-        return vae.encode(images.to(vae.dtype)).latent_dist.mean * vae.config.scaling_factor
+        return vae_encode(self.modules["vae"], images)
+
+
+def vae_decode(vae, latents):
+    """Latents -> images in [-1, 1] through an AutoencoderKL, undoing its scaling and shift factors."""
+    z = latents / vae.config.scaling_factor + (getattr(vae.config, "shift_factor", None) or 0.0)
+    return vae.decode(z.to(vae.dtype), return_dict=False)[0]
+
+
+def vae_encode(vae, images):
+    """Images in [-1, 1] -> latents (the posterior mean), with the VAE's shift and scaling factors."""
+    z = vae.encode(images.to(vae.dtype)).latent_dist.mean
+    return (z - (getattr(vae.config, "shift_factor", None) or 0.0)) * vae.config.scaling_factor
 
 
 def read_scheduler_config(path: str) -> dict:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from .base import Bundle, Conditioning, register_family
-from .sd import read_scheduler_config
+from .sd import read_scheduler_config, vae_decode, vae_encode
 from .sdxl import has_component, read_model_index
 
 
@@ -90,14 +90,10 @@ class SD3Bundle(Bundle):
         return (batch, self.modules["transformer"].config.in_channels, height // f, width // f)
 
     def decode(self, latents):
-        vae = self.modules["vae"]
-        z = latents / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
-        return vae.decode(z.to(vae.dtype), return_dict=False)[0]
+        return vae_decode(self.modules["vae"], latents)
 
     def encode(self, images):
-        vae = self.modules["vae"]
-        z = vae.encode(images.to(vae.dtype)).latent_dist.mean
-        return (z - (vae.config.shift_factor or 0.0)) * vae.config.scaling_factor
+        return vae_encode(self.modules["vae"], images)
 
 
 @register_family("sd3")
