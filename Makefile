@@ -4,7 +4,7 @@ PY    := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 ENV   := GRADIO_ANALYTICS_ENABLED=False HF_HUB_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1
 
-.PHONY: run test test-slow bench install
+.PHONY: run test test-slow bench install chromium
 
 install: $(STAMP)
 
@@ -19,8 +19,13 @@ $(STAMP): requirements.txt
 run: $(STAMP)
 	$(ENV) $(PY) app.py
 
-test: $(STAMP)
+test: $(STAMP) chromium
 	$(ENV) $(PY) -m pytest -q
+
+# Debian's chromium for the browser smoke test (root, or sudo without a password)
+chromium:
+	@command -v chromium >/dev/null || { SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium >/dev/null; }
 
 test-slow: $(STAMP)
 	$(ENV) $(PY) -m pytest -q -m slow
