@@ -6,6 +6,13 @@ Every control plugs in at a socket of this loop: prediction combination (guidanc
 energies and projections, attention hooks, model deltas and the start point / trajectory. All
 guidance branches of a step run in one batched forward pass.
 
+Internal-contrast guidance (survey §5.2) plugs in at two more places of the denoise callable:
+branches named "<name>_perturbed" run in the same batched forward with the conditioning of "<name>",
+the method's attention processors perturbing only their rows (the engine tells the method the rows
+of every branch before each forward); and a method may ask for extra forward passes after the
+step's batched forward (`ExtraForward`: its own input state, conditioning and network), which the
+engine batches per network and counts in the NFE.
+
 Plug-in adapters (studio/adapters) enter as `AdapterInputs`: ControlNet residuals are computed
 inside each batched model call and added to the UNet's skips; an IP-Adapter's image embeddings
 ride along as a conditioning tensor of each branch (the reference image for the prompt branch,
@@ -14,6 +21,7 @@ the "no image" embedding for the negative branch).
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
@@ -26,7 +34,7 @@ from .adapters.controlnet import ControlUnit, residuals as control_residuals
 from .denoiser import Prediction, to_prediction
 from .families.base import Bundle, Conditioning
 from .guidance import StepInfo, get_guidance
-from .guidance.base import Guidance
+from .guidance.base import ExtraForward, Guidance, conditioning_branch
 from .requests import GenerateRequest
 from .samplers import SAMPLERS
 from .schedules import Schedule, make_schedule
@@ -59,7 +67,12 @@ def to_unit(images: torch.Tensor) -> np.ndarray:
 
 
 class GuidedDenoiser:
-    """Builds the denoise callable of the samplers: batches the guidance branches in one forward."""
+    """Builds the denoise callable of the samplers: batches the guidance branches in one forward.
+
+    Before every network call the guidance hears which batch rows belong to which branch
+    (`before_forward`); after the step's batched forward it may ask for extra forwards
+    (`extra_forwards`), run here batched per network, before it combines all predictions.
+    """
 
     def __init__(self, bundle: Bundle, schedule: Schedule, guidance: Guidance, conds: dict[str, Conditioning],
                  model: Optional[Callable] = None, controls: Sequence[ControlUnit] = ()):
@@ -79,32 +92,78 @@ class GuidedDenoiser:
                         alpha_next=float(self.schedule.alpha[i_c + 1]), sigma_next=float(self.schedule.sigma[i_c + 1]),
                         prediction_type=self.bundle.prediction_type)
 
-    def _cond_for(self, branches: tuple[str, ...]) -> Conditioning:
-        if branches not in self._cat_cache:
-            self._cat_cache[branches] = Conditioning.cat([self.conds[b] for b in branches])
-        return self._cat_cache[branches]
+    def _cond_for(self, names: tuple[str, ...]) -> Conditioning:
+        """The conditionings of `names` (branch or conditioning names) concatenated in order; a perturbed
+        branch "<name>_perturbed" runs with the conditioning of "<name>"."""
+        if names not in self._cat_cache:
+            self._cat_cache[names] = Conditioning.cat([self.conds[conditioning_branch(b)] for b in names])
+        return self._cat_cache[names]
 
-    def predict(self, x: torch.Tensor, i: int, branches: tuple[str, ...]) -> dict[str, Prediction]:
-        """Raw per-branch predictions at step i (one batched forward)."""
-        n = len(branches)
+    @contextlib.contextmanager
+    def _network(self, module: str):
+        """Run the bundle with `module` standing in for its UNet for the block (AutoGuidance's weak model)."""
+        if module == "unet":
+            yield
+            return
+        modules = self.bundle.modules
+        if module not in modules:
+            raise ValueError(f"{self.bundle.name or self.bundle.family}: the guidance needs the module {module!r}, "
+                             f"which this model does not have (it has {', '.join(sorted(modules))})")
+        main = modules["unet"]
+        modules["unet"] = modules[module]
+        try:
+            yield
+        finally:
+            modules["unet"] = main
+
+    def _forward(self, x_in: torch.Tensor, i: int, branches: tuple[str, ...], cond: Conditioning,
+                 module: str = "unet") -> torch.Tensor:
+        """One network call on a batch of len(branches) equal chunks; the guidance hears the rows first."""
+        per = x_in.shape[0] // len(branches)
+        self.guidance.before_forward(branches, {b: slice(k * per, (k + 1) * per) for k, b in enumerate(branches)}, x_in)
         t = self.schedule.timesteps[min(i, len(self.schedule) - 1)]
-        x_in = torch.cat([x] * n) if n > 1 else x
-        cond = self._cond_for(branches)
         kwargs = {}
         if self.controls:
             res = control_residuals(self.controls, x_in, t, cond.tensors["encoder_hidden_states"], i, len(self.schedule))
             if res is not None:
                 kwargs["residuals"] = res
-        out = self.model(x_in, t, cond, **kwargs)
-        self.nfe += n
+        with self._network(module):
+            out = self.model(x_in, t, cond, **kwargs)
+        self.nfe += len(branches)
+        return out
+
+    def predict(self, x: torch.Tensor, i: int, branches: tuple[str, ...]) -> dict[str, Prediction]:
+        """Raw per-branch predictions at step i (one batched forward)."""
+        n = len(branches)
+        x_in = torch.cat([x] * n) if n > 1 else x
+        out = self._forward(x_in, i, branches, self._cond_for(branches))
         a, s = self.schedule.alpha[i], self.schedule.sigma[i]
         chunks = out.chunk(n) if n > 1 else (out,)
         return {b: to_prediction(o, x, a, s, self.bundle.prediction_type) for b, o in zip(branches, chunks)}
+
+    def predict_extra(self, x: torch.Tensor, i: int, extra: tuple[ExtraForward, ...]) -> dict[str, Prediction]:
+        """Predictions of the extra forwards of step i: one batched call per network, each prediction
+        consistent with its own input state."""
+        a, s = self.schedule.alpha[i], self.schedule.sigma[i]
+        preds = {}
+        for module in dict.fromkeys(e.module for e in extra):
+            group = [e for e in extra if e.module == module]
+            states = [x if e.x is None else e.x for e in group]
+            names = tuple(e.branch for e in group)
+            cond = self._cond_for(tuple(e.conditioning for e in group))
+            out = self._forward(torch.cat(states) if len(states) > 1 else states[0], i, names, cond, module)
+            chunks = out.chunk(len(group)) if len(group) > 1 else (out,)
+            for e, state, o in zip(group, states, chunks):
+                preds[e.branch] = to_prediction(o, state, a, s, self.bundle.prediction_type)
+        return preds
 
     def __call__(self, x: torch.Tensor, i: int) -> Prediction:
         step = self.step_info(i)
         branches = self.guidance.branches(step)
         preds = self.predict(x, i, branches)
+        extra = tuple(self.guidance.extra_forwards(preds, step, x))
+        if extra:
+            preds.update(self.predict_extra(x, i, extra))
         return self.guidance(preds, step, x)
 
 

@@ -10,6 +10,11 @@ Space: the cosine is taken on eps (L906), per sample over all other dimensions; 
 every sample has reached the threshold (the smallest cosine). The CFG combination itself is affine
 and applied to x0 and eps alike.
 
+Degenerate steps (ours): where the signal coefficient alpha_t is below `min_signal` (default 0.1), eps is
+almost the state x_t itself for every conditioning (eps = sigma x + alpha v), so gamma_t is ~1 whatever the
+prompt; such steps run CFG and never trigger the switch. At zero terminal SNR (the shipped ShapesWorld
+model) the first step has alpha = 0 exactly and gamma_t = 1. Set min_signal = 0 for the survey's rule as written.
+
 Default gamma_bar = 0.991 (ours: the survey gives no value and we have not checked the paper's; public
 ports of the method recommend thresholds between 0.99 and 1).
 
@@ -37,6 +42,7 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 @dataclass
 class AdaptiveGuidance(Guidance):
     threshold: float = 0.991  # gamma_bar
+    min_signal: float = 0.1  # steps with alpha_t below this never switch (see the module docstring)
 
     name = "adaptive"
     space = "eps (cosine); any (CFG)"
@@ -51,6 +57,7 @@ class AdaptiveGuidance(Guidance):
     def validate(self) -> None:
         super().validate()
         check_range(self.name, "threshold", self.threshold, 0.0, 1.0)
+        check_range(self.name, "min_signal", self.min_signal, 0.0, 1.0)
 
     def branches(self, step: StepInfo) -> tuple[str, ...]:
         if not self.active(step) or self.guidance_scale == 1.0 or self.converged:
@@ -63,7 +70,7 @@ class AdaptiveGuidance(Guidance):
 
     def combine(self, preds: dict[str, Prediction], step: StepInfo, x) -> Prediction:
         w, u, c = self.guidance_scale, preds["uncond"], preds["cond"]
-        if self.similarity(preds) >= self.threshold:
+        if step.alpha >= self.min_signal and self.similarity(preds) >= self.threshold:
             return c
         return Prediction(u.x0 + w * (c.x0 - u.x0), u.eps + w * (c.eps - u.eps))
 
@@ -72,6 +79,6 @@ class AdaptiveGuidance(Guidance):
         if self.active(step) and "uncond" in preds:
             gamma = self.similarity(preds)
             self.similarities.append(gamma)
-            if gamma >= self.threshold:
+            if gamma >= self.threshold and step.alpha >= self.min_signal:
                 self.converged = True
         return out
