@@ -33,3 +33,5 @@ test-slow: $(STAMP)
 bench: $(STAMP)
 	$(ENV) $(PY) -m bench.sampling
 	$(ENV) $(PY) -m bench.shapesworld
+	$(ENV) $(PY) -m bench.guidance
+	$(ENV) $(PY) -m bench.swap

@@ -158,6 +158,14 @@ class GuidedDenoiser:
         return preds
 
     def __call__(self, x: torch.Tensor, i: int) -> Prediction:
+        if self.guidance.needs_grad:  # energy guidance: differentiate the predictions with respect to x
+            with torch.enable_grad():
+                x = x.detach().requires_grad_(True)
+                out = self._guided(x, i)
+            return Prediction(out.x0.detach(), out.eps.detach())
+        return self._guided(x, i)
+
+    def _guided(self, x: torch.Tensor, i: int) -> Prediction:
         step = self.step_info(i)
         branches = self.guidance.branches(step)
         preds = self.predict(x, i, branches)
@@ -235,11 +243,14 @@ def generate(bundle: Bundle, req: GenerateRequest, *, callback=None, should_stop
     kwargs = {"generator": generator, "callback": step_cb}
     if sampler == "ddim":
         kwargs["eta"] = req.eta
-    with torch.inference_mode(), guidance.patch(bundle):
+    guidance.prepare(bundle, height, width)
+    grad_mode = torch.no_grad() if guidance.needs_grad else torch.inference_mode()
+    with grad_mode, guidance.patch(bundle):
         x = SAMPLERS[sampler](den, x, schedule, **kwargs)
         images = bundle.decode(x)
+        figures = guidance.metrics(images)
     seconds = time.perf_counter() - t0
     meta = {"model": bundle.name, "sampler": sampler, "seconds": round(seconds, 4), "nfe": den.nfe,
-            "height": height, "width": width}
+            "height": height, "width": width, **figures}
     return RunResult(images=to_uint8(images), latents=x, seconds=seconds, nfe=den.nfe, request=req,
                      metadata=meta, unit=to_unit(images))

@@ -528,7 +528,8 @@ class SessionManager:
         from .engine import generate
 
         req.validate()
-        for image in [c.get("image") for c in req.controlnets] + [(req.ip_adapter or {}).get("image")]:
+        for image in [c.get("image") for c in req.controlnets] + [(req.ip_adapter or {}).get("image"),
+                                                                   (req.guidance_params or {}).get("image")]:
             if image:
                 self.policy.check_input_file(image)
         loras = [LoraRef(**l) if isinstance(l, dict) else l for l in (req.loras or [])]

@@ -151,6 +151,17 @@ class Guidance:
         """Install model perturbations for the run and restore them afterwards (none by default)."""
         yield
 
+    # Energy-gradient methods (survey §1.3, §6) set this: the engine then runs the network with
+    # autograd on the state x, and `combine` may differentiate through the predictions.
+    needs_grad = False
+
+    def prepare(self, bundle, height: int, width: int) -> None:
+        """Per-run set-up that needs the model and the output size (e.g. a measurement); none by default."""
+
+    def metrics(self, images: torch.Tensor) -> dict:
+        """Figures of the finished run (images in [-1, 1]) to show under the picture; none by default."""
+        return {}
+
     def before_forward(self, branches: tuple[str, ...], rows: dict[str, slice], x_in: torch.Tensor) -> None:
         """Called by the engine before every network forward: `rows[b]` are the batch rows of branch b in
         `x_in`. Methods whose processors perturb some rows (survey §5.2) record them here; none by default."""
@@ -203,6 +214,8 @@ METHOD_MODULES = ("cfg", "negative_term", "interval", "apg", "cfg_pp", "tcfg", "
                   "cfg_zero_star")
 # internal-contrast self-guidance (survey §5.2): perturbed attention, smoothed energy, self-attention, weak model
 METHOD_MODULES += ("pag", "seg", "sag", "autoguidance")
+# measurement guidance for inverse problems (survey §6): soft (gradient) and hard (projection) consistency
+METHOD_MODULES += ("measurement_soft", "measurement_hard")
 
 
 def load_methods() -> dict[str, type[Guidance]]:
