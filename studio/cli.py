@@ -82,6 +82,53 @@ def _eval_adherence(args) -> int:
     return 0
 
 
+def _eval_guidance(args) -> int:
+    """One row per guidance method at its default settings: adherence, saturation, NFE and time per image."""
+    import dataclasses
+    import json
+
+    from .guidance.base import GUIDANCE_METHODS, guidance_names
+    from .session import SessionManager
+    from .toyworld.adherence import adherence
+
+    names = guidance_names()
+    needs_image = {n for n in names if n.startswith("measurement_")}  # inverse problems: scored by PSNR instead
+    chosen = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else \
+        [n for n in names if n not in needs_image]
+    unknown = [m for m in chosen if m not in names]
+    if unknown:
+        raise CLIError(f"unknown method(s) {', '.join(unknown)}; available: {', '.join(names)}")
+    session = SessionManager(allow_pickle=args.allow_pickle)
+    rows = []
+    for m in chosen:
+        default_scale = {f.name: f.default for f in dataclasses.fields(GUIDANCE_METHODS[m])}["guidance_scale"]
+        try:
+            r = adherence(session, model=args.model, guidance=m, scale=default_scale, n=args.n, seed=args.seed,
+                          two_objects=args.two_objects, steps=args.steps, sampler=args.sampler, batch=args.batch)
+        except ValueError as e:  # a method this model cannot run (e.g. no weak checkpoint): say so in its row
+            rows.append({"method": m, "error": str(e)})
+            continue
+        rows.append({"method": m, "scale": default_scale, "all_correct": r["all_correct"], "color": r["color"],
+                     "shape": r["shape"], "size": r["size"], "position": r["position"], "background": r["background"],
+                     "saturation": r["saturation"], "nfe": r["nfe_per_image"], "seconds": r["seconds_per_image"]})
+        if args.json:
+            print(json.dumps(rows[-1]), flush=True)
+    if args.json:
+        for r in rows:
+            if "error" in r:
+                print(json.dumps(r))
+        return 0
+    cols = ["method", "scale", "all_correct", "color", "shape", "size", "position", "background", "saturation", "nfe", "seconds"]
+    print(" | ".join(cols))
+    print(" | ".join("---" for _ in cols))
+    for r in rows:
+        if "error" in r:
+            print(f"{r['method']} | error: {r['error']}")
+        else:
+            print(" | ".join(f"{r[c]:.3f}" if isinstance(r[c], float) and c != "scale" else str(r[c]) for c in cols))
+    return 0
+
+
 def _models(args) -> int:
     """The registry, what is loaded where, and the accounted memory."""
     import json as _json
@@ -168,6 +215,19 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--batch", type=int, default=32, help="images per batched run")
     a.add_argument("--allow-pickle", action="store_true", help="allow pickle checkpoints (runs their code)")
     a.set_defaults(func=_eval_adherence)
+
+    gd = esub.add_parser("guidance", help="every guidance method at its defaults: adherence, saturation, NFE, time")
+    gd.add_argument("--model", default="shapesworld")
+    gd.add_argument("--n", type=int, default=128)
+    gd.add_argument("--seed", type=int, default=0)
+    gd.add_argument("--steps", type=int, default=25)
+    gd.add_argument("--sampler", default=None)
+    gd.add_argument("--batch", type=int, default=32)
+    gd.add_argument("--two-objects", action="store_true")
+    gd.add_argument("--methods", default="", help="comma-separated subset (file names in studio/guidance/)")
+    gd.add_argument("--json", action="store_true", help="one JSON object per line")
+    gd.add_argument("--allow-pickle", action="store_true")
+    gd.set_defaults(func=_eval_guidance)
     return p
 
 

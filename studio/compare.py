@@ -64,6 +64,8 @@ def describe(cell: Cell) -> str:
     p = ", ".join(f"{k}={v:g}" if isinstance(v, (int, float)) else f"{k}={v}" for k, v in cell.params.items())
     r, res = cell.request, cell.result
     text = f"{cell.method} ({p}) · seed {r.seed} · {res.metadata['sampler']} {r.steps} · {res.seconds:.2f} s · {res.nfe} NFE"
+    if "psnr" in res.metadata:
+        text += f" · PSNR {res.metadata['psnr']:.1f} dB (measurement {res.metadata['measurement_psnr']:.1f} dB)"
     if cell.scores is not None:
         s = cell.scores
         marks = " ".join(f"{k}{'✓' if s[k] else '✗'}" for k in ("color", "shape", "size", "position", "background"))

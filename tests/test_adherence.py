@@ -94,3 +94,25 @@ def test_adherence_refuses_other_models_and_bad_batches(tiny_sd_dir):
         adherence.adherence(load_bundle(tiny_sd_dir), n=1, steps=1)
     with pytest.raises(ValueError, match="batch"):
         adherence.adherence(None, n=1, steps=1, batch=0)
+
+
+def test_eval_guidance_json_rows():
+    import json
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    p = subprocess.run([sys.executable, "-m", "studio", "eval", "guidance", "--n", "2", "--steps", "2",
+                        "--methods", "cfg,adaptive", "--json"], cwd=root, capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert p.returncode == 0, p.stderr
+    rows = [json.loads(line) for line in p.stdout.strip().splitlines()]
+    assert [r["method"] for r in rows] == ["cfg", "adaptive"]
+    for r in rows:
+        assert {"method", "all_correct", "saturation", "nfe", "seconds"} <= set(r)
+        assert 0 <= r["all_correct"] <= 1 and 0 <= r["saturation"] <= 1
+    assert rows[0]["nfe"] == 4.0  # CFG: two branches per step
+    p = subprocess.run([sys.executable, "-m", "studio", "eval", "guidance", "--methods", "nope"], cwd=root,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2 and "unknown method" in p.stderr
