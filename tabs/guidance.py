@@ -10,6 +10,7 @@ import gradio as gr
 from components.outputs import write_pngs
 from studio.compare import describe, run_compare
 from studio.guidance.base import guidance_names
+from studio.inverse.operators import MASKS, OPERATORS
 from studio.pngmeta import read_parameters
 from studio.registry import BUILTIN, DEFAULT_MODEL
 from studio.requests import CompareRequest, GenerateRequest, MethodSpec
@@ -41,10 +42,36 @@ def parse_values(text: str) -> list[float]:
     return vals
 
 
-def build_request(model, prompt, negative, methods, params_json, sampler, steps, scale, seed, sweep, sweep_values) -> CompareRequest:
+def ground_truth_path(upload, prompt: str) -> str:
+    """The ground-truth image of an inverse problem: the upload, else the rendered ShapesWorld scene of the prompt."""
+    if upload:
+        return upload
+    from studio.toyworld import world
+
+    scene = world.parse_caption(prompt or "")
+    if scene is None:
+        raise ValueError("measurement guidance needs a ground-truth image: upload one, or write a ShapesWorld "
+                         "prompt whose rendered scene serves as the truth")
+    import tempfile
+
+    from PIL import Image
+
+    path = tempfile.NamedTemporaryFile(prefix="studio-truth-", suffix=".png", delete=False).name
+    Image.fromarray(world.render(scene)).save(path)
+    return path
+
+
+def build_request(model, prompt, negative, methods, params_json, sampler, steps, scale, seed, sweep, sweep_values,
+                  truth=None, operator="inpaint", mask="center") -> CompareRequest:
     if not (prompt or "").strip():
         raise ValueError("Please enter a prompt.")
     overrides = parse_params(params_json)
+    measuring = [m for m in (methods or []) if m.startswith("measurement_")]
+    if measuring:
+        image = ground_truth_path(truth, prompt)
+        for m in measuring:
+            overrides[m] = {"operator_name": operator, "image": image, "mask": mask, "guidance_scale": 1.0,
+                            **overrides.get(m, {})}
     unknown = set(overrides) - set(methods or [])
     if unknown:
         raise ValueError(f"parameters given for methods that are not selected: {', '.join(sorted(unknown))}")
@@ -58,9 +85,10 @@ def build_request(model, prompt, negative, methods, params_json, sampler, steps,
 
 def compare_handler(session):
     def handler(model, prompt, negative, methods, params_json, sampler, steps, scale, seed, sweep, sweep_values,
-                progress=gr.Progress()):
+                truth, operator, mask, progress=gr.Progress()):
         try:
-            req = build_request(model, prompt, negative, methods, params_json, sampler, steps, scale, seed, sweep, sweep_values)
+            req = build_request(model, prompt, negative, methods, params_json, sampler, steps, scale, seed, sweep,
+                                sweep_values, truth, operator, mask)
             req.validate()
             session.get(req.base.model)
         except (ValueError, FileNotFoundError) as e:
@@ -120,6 +148,14 @@ def build(session) -> gr.Tab:
                 with gr.Row():
                     sweep = gr.Dropdown(SWEEPABLE, value="none", label="Sweep (X axis)")
                     sweep_values = gr.Textbox(label="Sweep values", value="1, 3, 5, 7")
+                with gr.Accordion("Inverse problem (measurement_soft / measurement_hard, survey §6)", open=False):
+                    gr.Markdown("The measurement is taken from the ground truth: your image (the output size), or, "
+                                "when none is given, the rendered ShapesWorld scene of the prompt. PSNR against it "
+                                "shows under each picture.")
+                    truth = gr.Image(label="Ground truth (optional)", type="filepath", height=160)
+                    with gr.Row():
+                        operator = gr.Dropdown(list(OPERATORS), value="inpaint", label="Operator")
+                        mask = gr.Dropdown(list(MASKS), value="center", label="Inpainting mask (region to fill)")
                 with gr.Row():
                     go = gr.Button("Compare", variant="primary")
                     stop = gr.Button("Stop")
@@ -130,7 +166,8 @@ def build(session) -> gr.Tab:
                 table = gr.Dataframe(headers=["method", "parameters", "seconds", "NFE", "all correct"],
                                      label="Measurements", interactive=False)
                 files = gr.File(label="PNGs with their parameters", file_count="multiple")
-        inputs = [model, prompt, negative, methods, params, sampler, steps, scale, seed, sweep, sweep_values]
+        inputs = [model, prompt, negative, methods, params, sampler, steps, scale, seed, sweep, sweep_values,
+                  truth, operator, mask]
         go.click(compare_handler(session), inputs, [gallery, files, table], api_name="guidance_compare",
                  concurrency_id="gpu", concurrency_limit=1)
         stop.click(lambda: session.stop(), None, None, api_name="guidance_stop", queue=False)

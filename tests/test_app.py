@@ -86,7 +86,7 @@ def test_guidance_comparison_through_api(app_url):
     assert {"/guidance_compare", "/guidance_stop", "/guidance_restore"} <= set(names)
     gallery, files, table = client.predict(
         "shapesworld", "a small blue square at the top on a white background", "", ["cfg", "apg"], "{}",
-        "default", 3, 5.0, 11, "none", "", api_name="/guidance_compare")
+        "default", 3, 5.0, 11, "none", "", None, "inpaint", "center", api_name="/guidance_compare")
     assert len(gallery) == 2
     captions = [g["caption"] for g in gallery]
     assert captions[0].startswith("cfg") and captions[1].startswith("apg")
@@ -100,7 +100,27 @@ def test_guidance_bad_input_is_a_clear_error(app_url):
     client = Client(app_url, verbose=False)
     with pytest.raises(Exception, match="at least one guidance method"):
         client.predict("shapesworld", "a red circle", "", [], "{}", "default", 3, 5.0, 0, "none", "",
-                       api_name="/guidance_compare")
+                       None, "inpaint", "center", api_name="/guidance_compare")
     with pytest.raises(Exception, match="JSON"):
         client.predict("shapesworld", "a red circle", "", ["cfg"], "{bad", "default", 3, 5.0, 0, "none", "",
-                       api_name="/guidance_compare")
+                       None, "inpaint", "center", api_name="/guidance_compare")
+    # an inverse problem with a ground truth of the wrong size: a clear message, and the app stays usable
+    import tempfile
+
+    small = tempfile.NamedTemporaryFile(suffix=".png", delete=False).name
+    Image.new("RGB", (32, 32)).save(small)
+    from gradio_client import handle_file
+
+    with pytest.raises(Exception, match="32x32"):
+        client.predict("shapesworld", "a red circle", "", ["measurement_hard"], "{}", "default", 3, 5.0, 0, "none", "",
+                       handle_file(small), "inpaint", "center", api_name="/guidance_compare")
+
+
+def test_inverse_problem_through_api(app_url):
+    from gradio_client import Client
+
+    client = Client(app_url, verbose=False)
+    gallery, files, table = client.predict(
+        "shapesworld", "a large red circle on the left on a gray background", "", ["measurement_hard", "measurement_soft"],
+        "{}", "default", 4, 5.0, 3, "none", "", None, "super_resolution", "center", api_name="/guidance_compare")
+    assert len(gallery) == 2 and all("PSNR" in g["caption"] for g in gallery)
