@@ -245,6 +245,7 @@ class Trainer:
         self.text_encoder.train(self.train_text)
         start = time.time()
         last_ckpt = last_eval = time.time()
+        stop = _StopFlag()  # SIGTERM / SIGINT end the run at the next step, after a checkpoint
         run_start_step = self.step
         losses = []
         window_start = time.time()
@@ -252,6 +253,9 @@ class Trainer:
             if minutes is not None and time.time() - start >= minutes * 60:
                 break
             if steps is not None and self.step - run_start_step >= steps:
+                break
+            if stop.requested:
+                self.log(f"stop requested (signal {stop.requested})")
                 break
             t0 = time.time()
             x, caps = batch_for_step(self.step, cfg)
@@ -283,6 +287,7 @@ class Trainer:
                 last_ckpt = time.time()
                 self.log(f"checkpoint saved at step {self.step}")
         self.save()
+        stop.restore()
         self.log(f"stopped at step {self.step}; state saved in {self.dir}")
 
     # ------------------------------------------------------------------ evaluation / export
@@ -351,6 +356,29 @@ class Trainer:
         os.replace(tmp, out)
         self.log(f"exported EMA weights at step {self.step} to {out}")
         return out
+
+
+class _StopFlag:
+    """Turns SIGTERM and SIGINT into a request to stop between steps (so the last state is saved)."""
+
+    def __init__(self):
+        import signal
+        import threading
+
+        self.requested = 0
+        self._old = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._old[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = signum
+
+    def restore(self):
+        import signal
+
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
 
 
 @torch.no_grad()
