@@ -45,6 +45,7 @@ class TrainConfig:
     batch_size: int = 64
     lr: float = 6e-4
     warmup_steps: int = 250
+    decay_steps: int = 20000
     ema_decay: float = 0.999
     caption_dropout: float = 0.1
     two_object_prob: float = 0.35
@@ -206,7 +207,11 @@ class Trainer:
 
     # ------------------------------------------------------------------ training
     def lr_at(self, step: int) -> float:
-        return self.cfg.lr * min(1.0, (step + 1) / self.cfg.warmup_steps)
+        """Linear warm-up, then a cosine decay to a quarter of the peak over `decay_steps` (a function of the
+        step only, so resuming is exact)."""
+        warm = min(1.0, (step + 1) / self.cfg.warmup_steps)
+        frac = min(step, self.cfg.decay_steps) / self.cfg.decay_steps
+        return self.cfg.lr * warm * (0.25 + 0.75 * 0.5 * (1 + math.cos(math.pi * frac)))
 
     def loss(self, x: torch.Tensor, caps: list[str], gen: torch.Generator) -> torch.Tensor:
         z0 = self.codec.encode(x)
