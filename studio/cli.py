@@ -8,8 +8,12 @@ import sys
 
 
 def _train(args) -> int:
+    if args.model == "classifier":  # the noise-aware attribute classifier of classifier guidance (survey §3.1)
+        from .toyworld.classifier import main as train_classifier
+
+        return train_classifier(args)
     if args.model != "shapesworld":
-        print(f"error: no training recipe for {args.model!r} (known: shapesworld)", file=sys.stderr)
+        print(f"error: no training recipe for {args.model!r} (known: shapesworld, classifier)", file=sys.stderr)
         return 2
     from .toyworld.train import main
 
@@ -168,13 +172,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train a shipped model by its recipe")
-    t.add_argument("model", help="shapesworld")
-    t.add_argument("--stage", default="text-unet", choices=["text-unet", "flow"])
+    t.add_argument("model", help="shapesworld | classifier (the noise-aware classifier of classifier guidance)")
+    t.add_argument("--stage", default="text-unet", choices=["text-unet", "flow"], help="shapesworld only")
     t.add_argument("--minutes", type=float, default=None)
     t.add_argument("--steps", type=int, default=None)
     t.add_argument("--resume", action="store_true")
-    t.add_argument("--export", action="store_true", help="write the EMA weights to assets/models/")
-    t.add_argument("--eval", type=int, default=0, help="evaluate adherence on N prompts after training")
+    t.add_argument("--export", action="store_true", help="write the EMA weights (classifier: the weights) to assets/models/")
+    t.add_argument("--eval", type=int, default=0,
+                   help="evaluate adherence on N prompts after training (classifier: accuracy on N held-out scenes)")
     t.add_argument("--threads", type=int, default=0)
     t.set_defaults(func=_train)
 

@@ -243,6 +243,7 @@ def generate(bundle: Bundle, req: GenerateRequest, *, callback=None, should_stop
     kwargs = {"generator": generator, "callback": step_cb}
     if sampler == "ddim":
         kwargs["eta"] = req.eta
+    guidance.set_prompts(list(prompts) if prompts is not None else [req.prompt] * n)
     guidance.prepare(bundle, height, width)
     grad_mode = torch.no_grad() if guidance.needs_grad else torch.inference_mode()
     with grad_mode, guidance.patch(bundle):

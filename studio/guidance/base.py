@@ -155,6 +155,10 @@ class Guidance:
     # autograd on the state x, and `combine` may differentiate through the predictions.
     needs_grad = False
 
+    def set_prompts(self, prompts: list[str]) -> None:
+        """The run's prompt of each image, given before `prepare` (for methods whose target is the prompt,
+        such as classifier guidance); ignored by default."""
+
     def prepare(self, bundle, height: int, width: int) -> None:
         """Per-run set-up that needs the model and the output size (e.g. a measurement); none by default."""
 
@@ -216,6 +220,8 @@ METHOD_MODULES = ("cfg", "negative_term", "interval", "apg", "cfg_pp", "tcfg", "
 METHOD_MODULES += ("pag", "seg", "sag", "autoguidance")
 # measurement guidance for inverse problems (survey §6): soft (gradient) and hard (projection) consistency
 METHOD_MODULES += ("measurement_soft", "measurement_hard")
+# explicit guidance with an external gradient (survey §3.1): the noise-aware ShapesWorld classifier
+METHOD_MODULES += ("classifier",)
 
 
 def load_methods() -> dict[str, type[Guidance]]:
