@@ -31,6 +31,7 @@ from dataclasses import dataclass
 
 from ..denoiser import Prediction
 from .base import ExtraForward, Guidance, StepInfo, check_range, register
+from .contrast import cfg_part, with_contrast
 
 WEAK_MODULE = "unet_weak"
 
@@ -60,15 +61,9 @@ class AutoGuidance(Guidance):
         return (ExtraForward("cond_weak", "cond", module=WEAK_MODULE),)
 
     def combine(self, preds: dict[str, Prediction], step: StepInfo, x) -> Prediction:
-        c = preds["cond"]
-        if "uncond" in preds:
-            w, u = self.guidance_scale, preds["uncond"]
-            out = Prediction(u.x0 + w * (c.x0 - u.x0), u.eps + w * (c.eps - u.eps))
-        else:
-            out = c
+        out = cfg_part(preds, self.guidance_scale)
         if "cond_weak" in preds:
-            o, weak = self.autoguidance_scale, preds["cond_weak"]
-            out = Prediction(out.x0 + o * (c.x0 - weak.x0), out.eps + o * (c.eps - weak.eps))
+            out = with_contrast(out, preds["cond"], preds["cond_weak"], self.autoguidance_scale)
         return out
 
     @contextlib.contextmanager

@@ -54,6 +54,7 @@ from ..attention.base import RowSelection, attention_network, installed, latent_
 from ..denoiser import Prediction, from_prediction, to_prediction
 from .base import ExtraForward, Guidance, StepInfo, check_range, register
 from .cfg import native_space
+from .contrast import cfg_part
 
 
 def gaussian_blur(img: torch.Tensor, kernel_size: int, sigma: float) -> torch.Tensor:
@@ -142,12 +143,7 @@ class SAG(Guidance):
         return (ExtraForward(f"{src}_degraded", src, x=self.degraded_input(preds[src], maps, grid, step)),)
 
     def combine(self, preds: dict[str, Prediction], step: StepInfo, x) -> Prediction:
-        c = preds["cond"]
-        if "uncond" in preds:
-            w, u = self.guidance_scale, preds["uncond"]
-            out = Prediction(u.x0 + w * (c.x0 - u.x0), u.eps + w * (c.eps - u.eps))
-        else:
-            out = c
+        out = cfg_part(preds, self.guidance_scale)
         degraded = [b for b in preds if b.endswith("_degraded")]
         if not degraded:
             return out

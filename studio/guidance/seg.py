@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from ..attention.base import RowSelection, attention_network, installed, latent_size, rows_of, self_attention_layers
 from ..denoiser import Prediction
 from .base import Guidance, StepInfo, check_range, is_perturbed, register
+from .contrast import cfg_part, with_contrast
 
 
 @register
@@ -76,15 +77,9 @@ class SEG(Guidance):
         return (out + ("cond_perturbed",)) if self.perturbing(step) else out
 
     def combine(self, preds: dict[str, Prediction], step: StepInfo, x) -> Prediction:
-        c = preds["cond"]
-        if "uncond" in preds:
-            w, u = self.guidance_scale, preds["uncond"]
-            out = Prediction(u.x0 + w * (c.x0 - u.x0), u.eps + w * (c.eps - u.eps))
-        else:
-            out = c
+        out = cfg_part(preds, self.guidance_scale)
         if "cond_perturbed" in preds:
-            o, p = self.seg_scale, preds["cond_perturbed"]
-            out = Prediction(out.x0 + o * (c.x0 - p.x0), out.eps + o * (c.eps - p.eps))
+            out = with_contrast(out, preds["cond"], preds["cond_perturbed"], self.seg_scale)
         return out
 
     def before_forward(self, branches, rows, x_in) -> None:
