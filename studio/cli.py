@@ -181,6 +181,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--eval", type=int, default=0,
                    help="evaluate adherence on N prompts after training (classifier: accuracy on N held-out scenes)")
     t.add_argument("--threads", type=int, default=0)
+    t.add_argument("--device", default=None, help="shapesworld: cpu (default) or cuda")
+    t.add_argument("--batch-size", type=int, default=None, help="shapesworld: images per step (recipe default 64)")
+    t.add_argument("--workers", type=int, default=0, help="shapesworld: processes rendering scenes ahead of the step")
+    t.add_argument("--bf16", action="store_true", help="shapesworld: bf16 autocast (for GPUs)")
+    t.add_argument("--outlier-penalty", type=float, default=None,
+                   help="shapesworld: weight of the decoder feature-norm outlier penalty (0: off)")
     t.set_defaults(func=_train)
 
     g = sub.add_parser("generate", help="text to image")
