@@ -133,6 +133,39 @@ def _eval_guidance(args) -> int:
     return 0
 
 
+def _print_table(rows: list[dict], cols: list[str]) -> None:
+    print(" | ".join(cols))
+    print(" | ".join("---" for _ in cols))
+    for r in rows:
+        print(" | ".join(f"{r[c]:.3f}" if isinstance(r.get(c), float) else str(r.get(c, "")) for c in cols))
+
+
+def _eval_inversion(args) -> int:
+    """Reconstruction PSNR / SSIM / time of each inversion on held-out real ShapesWorld scenes."""
+    import json
+
+    from .inversion import METHODS
+    from .session import SessionManager
+    from .toyworld.inversion_eval import evaluate_inversion
+
+    chosen = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in chosen if m not in METHODS]
+    if unknown:
+        raise CLIError(f"unknown inversion method(s) {', '.join(unknown)}; available: {', '.join(METHODS)}")
+    if args.n < 1 or args.steps < 1 or args.batch < 1:
+        raise CLIError("--n, --steps and --batch must be at least 1")
+    session = SessionManager(allow_pickle=args.allow_pickle)
+    progress = None if args.json else (lambda m, i, n: print(f"  {m}: {i}/{n}", file=sys.stderr, flush=True))
+    rows = evaluate_inversion(session, model=args.model, methods=chosen, n=args.n, seed=args.seed, steps=args.steps,
+                              scale=args.scale, batch=args.batch, callback=progress)
+    if args.json:
+        for r in rows:
+            print(json.dumps(r))
+    else:
+        _print_table(rows, ["method", "psnr", "ssim", "seconds", "nfe"])
+    return 0
+
+
 def _models(args) -> int:
     """The registry, what is loaded where, and the accounted memory."""
     import json as _json
@@ -239,6 +272,18 @@ def build_parser() -> argparse.ArgumentParser:
     gd.add_argument("--json", action="store_true", help="one JSON object per line")
     gd.add_argument("--allow-pickle", action="store_true")
     gd.set_defaults(func=_eval_guidance)
+
+    iv = esub.add_parser("inversion", help="reconstruction PSNR / SSIM / time of each inversion on held-out real scenes")
+    iv.add_argument("--model", default="shapesworld")
+    iv.add_argument("--methods", default="ddim,null_text,negative_prompt")
+    iv.add_argument("--n", type=int, default=64, help="held-out real scenes")
+    iv.add_argument("--seed", type=int, default=0)
+    iv.add_argument("--steps", type=int, default=25)
+    iv.add_argument("--scale", type=float, default=5.0, help="CFG scale of reconstruction")
+    iv.add_argument("--batch", type=int, default=16)
+    iv.add_argument("--json", action="store_true", help="one JSON object per line: method, psnr, ssim, seconds, ...")
+    iv.add_argument("--allow-pickle", action="store_true")
+    iv.set_defaults(func=_eval_inversion)
     return p
 
 
