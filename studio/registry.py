@@ -91,7 +91,7 @@ def training_note(spec: ModelSpec) -> str:
     with open(path) as f:
         info = json.load(f)
     evals = [h["eval"] for h in info.get("history", []) if "eval" in h]
-    note = f"trained {info.get('step', 0)} steps ({info.get('elapsed', 0) / 3600:.1f} CPU-hours)"
+    note = f"trained {info.get('step', 0)} steps ({info.get('elapsed', 0) / 3600:.1f} h of training)"
     if evals:
         note += f"; prompt adherence {evals[-1].get('all_correct', 0):.0%} all-correct at CFG 5"
     return note
