@@ -265,7 +265,8 @@ class Trainer:
         base = asset_path(name)
         meta_path = os.path.join(base, "training.json")
         if not os.path.exists(os.path.join(base, "unet")):
-            self.log(f"no run state and no shipped {name}: starting from scratch")
+            start = "the shipped diffusion model's weights" if self.cfg.stage == "flow" else "scratch"
+            self.log(f"no run state and no shipped {name}: starting from {start}")
             return False
         unet = UNet2DConditionModel.from_pretrained(os.path.join(base, "unet"), torch_dtype=torch.float32)
         self.unet.load_state_dict(unet.state_dict())
