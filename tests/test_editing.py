@@ -355,6 +355,7 @@ def test_diffedit_mask_finds_the_changed_object(sw, sw_source, sw_scene):
     user = np.zeros((64, 64), np.float32)
     user[:, 32:] = 1
     assert np.array_equal(edit(sw, sw_source, "diffedit", SW_TARGET, mask=user).mask, user)
+    assert np.array_equal(edit(sw, sw_source, "diffedit", SW_TARGET, mask=np.zeros((64, 64))).mask, m)  # empty: computed
 
 
 def test_cross_attention_map_shapesworld(sw, sw_source, sw_scene):
@@ -457,6 +458,10 @@ def test_bad_input(tiny, tiny_source, box):
     bad("feature_layer='up_blocks.9.resnets.0' is not a decoder resnet", "pnp",
         params={"feature_layer": "up_blocks.9.resnets.0"})
     bad("swapped_columns", "p2p_swap", params={"swapped_columns": "both"})
+    bad("the mask is 16x16", "diffedit", mask=np.ones((16, 16)))
+    # a mask painted for another method of the same request is ignored by the methods that take none
+    assert torch.equal(edit(tiny, tiny_source, "p2p_swap", OTHER, mask=np.zeros((16, 16))).latents,
+                       edit(tiny, tiny_source, "p2p_swap", OTHER).latents)
     with pytest.raises(ValueError, match="an edit starts from one image"):
         inv = invert(tiny, np.zeros((2, 32, 32, 3), np.uint8), PROMPT, "ddim", steps=2)
         EditSource.from_inversion(inv)

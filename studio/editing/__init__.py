@@ -102,6 +102,7 @@ METHODS: dict[str, MethodInfo] = {
 }
 
 FLOW_METHODS = ("sdedit", "blended", "diffedit")
+MASK_OPTIONAL = ("diffedit",)  # a painted mask replaces the computed one; an empty one is no mask
 ATTENTION_METHODS = ("p2p_swap", "p2p_refine", "p2p_reweight", "p2p_local_blend", "masactrl", "kv_reuse", "pnp")
 
 
@@ -121,9 +122,11 @@ def _check(bundle, source: EditSource, method: str, target_prompt, mask):
         raise ValueError(f"the target prompt must be text (got {type(target_prompt).__name__})")
     if info.needs_target_prompt and not (target_prompt or "").strip():
         raise ValueError(f"{method} needs a target prompt")
-    if info.needs_mask or mask is not None:
+    if info.needs_mask:
         return check_mask(method, mask, source.height, source.width)
-    return None
+    if method in MASK_OPTIONAL and mask is not None and np.asarray(mask).any():
+        return check_mask(method, mask, source.height, source.width)
+    return None  # the other methods take no mask: one painted for another method in the same request is ignored
 
 
 def edit(bundle, source: EditSource, method: str, target_prompt: str, *, params: Optional[dict] = None,
@@ -132,7 +135,7 @@ def edit(bundle, source: EditSource, method: str, target_prompt: str, *, params:
 
     `params` overrides `METHODS[method].defaults` (unknown names raise ValueError); `mask` (HxW at the
     source's image resolution, white = edit) is required by kv_reuse and blended and optional for
-    diffedit. The result's `params` are the settings used, with defaults resolved, and can be passed back.
+    diffedit (an empty one computes the mask); the other methods ignore it. The result's `params` are the settings used, with defaults resolved, and can be passed back.
     """
     t0 = time.perf_counter()
     mask = _check(bundle, source, method, target_prompt, mask)
