@@ -25,14 +25,20 @@ def header_markdown(session: SessionManager) -> str:
 
 
 def build_demo(session: SessionManager | None = None) -> gr.Blocks:
-    from tabs import generate, guidance
+    from tabs import editing, generate, guidance, inversion
 
     session = session or SessionManager()
     with gr.Blocks(title="Controllable Generation Studio") as demo:
         gr.Markdown(header_markdown(session))
-        with gr.Tabs():
+        with gr.Tabs() as tabs:
             guidance.build(session)
+            inv = inversion.build(session)
+            ed = editing.build(session)
             generate.build(session)
+        # "Edit this" in the Inversion tab: the chosen inversion becomes the Editing tab's source.
+        inv["send"].click(inversion.to_edit_source, [inv["store"], inv["pick"]], [ed["source"], tabs, ed["note"]],
+                          api_name="invert_to_edit").then(editing.mask_canvas, ed["source"], ed["mask"], queue=False,
+                                                                api_visibility="private")
     return demo
 
 

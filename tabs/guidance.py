@@ -100,8 +100,8 @@ def compare_handler(session):
                 progress((k + 1) / n, desc=f"{cell.method} ({k + 1}/{n})")
                 items.append((cell.result.images[0], describe(cell)))
                 files += write_pngs(cell.result)
-                rows.append([cell.method, json.dumps(cell.params), round(cell.result.seconds, 3), cell.result.nfe,
-                             None if cell.scores is None else bool(cell.scores["all_correct"])])
+                rows.append([cell.method, round(cell.result.seconds, 3), cell.result.nfe,
+                             None if cell.scores is None else bool(cell.scores["all_correct"]), json.dumps(cell.params)])
                 yield items, files, rows
         except Exception as e:  # a failing method (bad parameter, interrupted run) is reported; earlier images stay
             if items:
@@ -161,9 +161,9 @@ def build(session) -> gr.Tab:
                     stop = gr.Button("Stop")
                 restore = gr.File(label="Drop a studio PNG to restore its settings", file_types=[".png"])
             with gr.Column(scale=3):
-                gallery = gr.Gallery(label="Same seed, one image per method / setting", columns=3, height=520,
+                gallery = gr.Gallery(format="png", label="Same seed, one image per method / setting", columns=3, height=520,
                                      object_fit="contain")
-                table = gr.Dataframe(headers=["method", "parameters", "seconds", "NFE", "all correct"],
+                table = gr.Dataframe(headers=["method", "seconds", "NFE", "all correct", "parameters"],
                                      label="Measurements", interactive=False)
                 files = gr.File(label="PNGs with their parameters", file_count="multiple")
         inputs = [model, prompt, negative, methods, params, sampler, steps, scale, seed, sweep, sweep_values,
