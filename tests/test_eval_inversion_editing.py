@@ -72,3 +72,25 @@ def dataclass_bare(scene):
     import dataclasses
 
     return dataclasses.replace(scene, objects=())
+
+
+def test_eval_editing_json_rows_and_preservation_reference():
+    """Rows for two methods; blended editing with the oracle mask keeps the latent cells outside it exactly
+    (x*_0, exact codec): only the 4x4-pixel cells the mask's edge cuts change outside it, so its preservation
+    is far above SDEdit's, which redraws the whole image."""
+    code, out, err = run_cli("eval", "editing", "--n", "1", "--steps", "3", "--methods", "sdedit,blended", "--json")
+    assert code == 0, err
+    rows = {r["method"]: r for r in (json.loads(line) for line in out.strip().splitlines())}
+    assert set(rows) == {"sdedit", "blended"}
+    for r in rows.values():
+        assert {"method", "success", "success_color", "success_shape", "success_size", "preservation_db",
+                "seconds"} <= set(r)
+        assert 0.0 <= r["success"] <= 1.0 and r["seconds"] > 0 and r["n"] == 3
+    assert rows["blended"]["oracle_mask"] and not rows["sdedit"]["oracle_mask"]
+    assert rows["blended"]["preservation_db"] > 30
+    assert rows["blended"]["preservation_db"] > rows["sdedit"]["preservation_db"] + 5
+
+
+def test_eval_editing_unknown_method_is_one_line():
+    code, out, err = run_cli("eval", "editing", "--methods", "sdedit,nope", "--n", "1")
+    assert code == 2 and "nope" in err and len(err.strip().splitlines()) == 1
