@@ -247,6 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--bf16", action="store_true", help="shapesworld: bf16 autocast (for GPUs)")
     t.add_argument("--outlier-penalty", type=float, default=None,
                    help="shapesworld: weight of the decoder feature-norm outlier penalty (0: off)")
+    t.add_argument("--cell-weight-max", type=float, default=None,
+                   help="shapesworld: cap of the spatially adaptive loss weight (1: off)")
     t.set_defaults(func=_train)
 
     g = sub.add_parser("generate", help="text to image")

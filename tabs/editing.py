@@ -15,6 +15,7 @@ import json
 import gradio as gr
 import numpy as np
 
+from components.params import parse_method_params
 from studio import metrics
 from studio.engine import Interrupted
 from studio.registry import BUILTIN, DEFAULT_MODEL
@@ -36,16 +37,8 @@ def method_help() -> str:
 
 
 def parse_params(text: str) -> dict:
-    text = (text or "").strip()
-    if not text:
-        return {}
-    try:
-        d = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"method parameters are not valid JSON: {e.msg} (line {e.lineno}, column {e.colno})") from None
-    if not isinstance(d, dict) or not all(isinstance(v, dict) for v in d.values()):
-        raise ValueError('method parameters must look like {"sdedit": {"strength": 0.6}}')
-    return d
+    """Per-method parameter overrides, JSON: {"sdedit": {"strength": 0.6}}."""
+    return parse_method_params(text, '{"sdedit": {"strength": 0.6}}')
 
 
 def mask_from_editor(value, size: tuple[int, int]):

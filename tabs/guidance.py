@@ -7,6 +7,7 @@ import json
 
 import gradio as gr
 
+from components.params import parse_method_params
 from components.outputs import write_pngs
 from studio.compare import describe, run_compare
 from studio.guidance.base import guidance_names
@@ -21,17 +22,8 @@ SWEEPABLE = ["none", "guidance_scale"]
 
 
 def parse_params(text: str) -> dict:
-    """Per-method parameter overrides, JSON: {"apg": {"eta": 0.5}, "cfg_pp": {"guidance_scale": 0.6}}."""
-    text = (text or "").strip()
-    if not text:
-        return {}
-    try:
-        d = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"method parameters are not valid JSON: {e.msg} (line {e.lineno}, column {e.colno})") from None
-    if not isinstance(d, dict) or not all(isinstance(v, dict) for v in d.values()):
-        raise ValueError('method parameters must look like {"apg": {"eta": 0.5}}')
-    return d
+    """Per-method parameter overrides, JSON: {"apg": {"eta": 0.5}}."""
+    return parse_method_params(text, '{"apg": {"eta": 0.5}}')
 
 
 def parse_values(text: str) -> list[float]:

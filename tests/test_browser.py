@@ -6,6 +6,7 @@ that binary; it downloads no browser). A missing chromium fails the test loudly.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -43,8 +44,9 @@ def server():
     proc.wait(timeout=30)
 
 
-@pytest.mark.browser
-def test_compare_in_chromium(server):
+@contextlib.contextmanager
+def chromium():
+    """Debian's chromium driven by playwright (which downloads no browser); a missing binary fails loudly."""
     assert os.path.exists(CHROMIUM), "Debian's chromium is missing: run `make test`, which installs it"
     from playwright.sync_api import sync_playwright
 
@@ -54,19 +56,25 @@ def test_compare_in_chromium(server):
             "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
             "--disable-component-update", "--disable-sync"])
         try:
-            page = browser.new_page(viewport={"width": 1280, "height": 1100})
-            page.goto(server)
-            page.get_by_role("tab", name="Guidance").click()
-            page.get_by_label("Steps").first.fill("4")
-            page.get_by_role("button", name="Compare").click()
-            # three methods selected by default: wait until the measurements table has three rows
-            page.wait_for_function("document.body.innerText.split(' NFE').length - 1 >= 3", timeout=180_000)
-            time.sleep(1.0)
-            path = os.path.join(ARTIFACTS, "guidance-tab.png")
-            page.screenshot(path=path, full_page=True)
-            text = page.inner_text("body")
+            yield browser
         finally:
             browser.close()
+
+
+@pytest.mark.browser
+def test_compare_in_chromium(server):
+    with chromium() as browser:
+        page = browser.new_page(viewport={"width": 1280, "height": 1100})
+        page.goto(server)
+        page.get_by_role("tab", name="Guidance").click()
+        page.get_by_label("Steps").first.fill("4")
+        page.get_by_role("button", name="Compare").click()
+        # three methods selected by default: wait until the measurements table has three rows
+        page.wait_for_function("document.body.innerText.split(' NFE').length - 1 >= 3", timeout=180_000)
+        time.sleep(1.0)
+        path = os.path.join(ARTIFACTS, "guidance-tab.png")
+        page.screenshot(path=path, full_page=True)
+        text = page.inner_text("body")
     assert os.path.getsize(path) > 20_000
     assert "cfg_pp" in text and "seed 0" in text
 
@@ -74,44 +82,34 @@ def test_compare_in_chromium(server):
 @pytest.mark.browser
 def test_invert_then_edit_in_chromium(server):
     """Inversion tab: invert the prompt's rendered scene; "Edit this" hands it to the Editing tab; edit it."""
-    assert os.path.exists(CHROMIUM), "Debian's chromium is missing: run `make test`, which installs it"
-    from playwright.sync_api import sync_playwright
-
-    os.makedirs(ARTIFACTS, exist_ok=True)
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync"])
-        try:
-            page = browser.new_page(viewport={"width": 1280, "height": 1200})
-            page.goto(server)
-            page.get_by_role("tab", name="Inversion").click()
-            page.get_by_label("Steps").filter(visible=True).first.fill("8")
-            page.get_by_label("null_text").filter(visible=True).uncheck()  # the slow one; ddim and negative_prompt stay
-            page.get_by_role("button", name="Invert and reconstruct").click()
-            page.wait_for_function("document.body.innerText.split('PSNR ').length - 1 >= 2", timeout=180_000)
-            time.sleep(1.0)
-            inv_path = os.path.join(ARTIFACTS, "inversion-tab.png")
-            page.screenshot(path=inv_path, full_page=True)
-            inv_text = page.inner_text("body")
-            page.get_by_role("button", name="Edit this →").click()
-            page.wait_for_function("document.body.innerText.includes('Source: negative-prompt inversion')",
-                                   timeout=60_000)
-            page.get_by_role("button", name="Edit", exact=True).filter(visible=True).click()
-            # three captions plus the table's header, and the progress bar gone
-            page.wait_for_function("document.body.innerText.split('preservation ').length - 1 >= 4 && "
-                                   "!document.body.innerText.includes('masactrl 8/8')", timeout=300_000)
-            token = page.get_by_label("Prompt token").filter(visible=True)
-            token.fill("circle")
-            token.press("Enter")
-            page.get_by_role("button", name="Show attention map").click()
-            page.wait_for_function("document.querySelectorAll('img').length >= 6", timeout=120_000)
-            time.sleep(2.0)
-            ed_path = os.path.join(ARTIFACTS, "editing-tab.png")
-            page.screenshot(path=ed_path, full_page=True)
-            ed_text = page.inner_text("body")
-        finally:
-            browser.close()
+    with chromium() as browser:
+        page = browser.new_page(viewport={"width": 1280, "height": 1200})
+        page.goto(server)
+        page.get_by_role("tab", name="Inversion").click()
+        page.get_by_label("Steps").filter(visible=True).first.fill("8")
+        page.get_by_label("null_text").filter(visible=True).uncheck()  # the slow one; ddim and negative_prompt stay
+        page.get_by_role("button", name="Invert and reconstruct").click()
+        page.wait_for_function("document.body.innerText.split('PSNR ').length - 1 >= 2", timeout=180_000)
+        time.sleep(1.0)
+        inv_path = os.path.join(ARTIFACTS, "inversion-tab.png")
+        page.screenshot(path=inv_path, full_page=True)
+        inv_text = page.inner_text("body")
+        page.get_by_role("button", name="Edit this →").click()
+        page.wait_for_function("document.body.innerText.includes('Source: negative-prompt inversion')",
+                               timeout=60_000)
+        page.get_by_role("button", name="Edit", exact=True).filter(visible=True).click()
+        # three captions plus the table's header, and the progress bar gone
+        page.wait_for_function("document.body.innerText.split('preservation ').length - 1 >= 4 && "
+                               "!document.body.innerText.includes('masactrl 8/8')", timeout=300_000)
+        token = page.get_by_label("Prompt token").filter(visible=True)
+        token.fill("circle")
+        token.press("Enter")
+        page.get_by_role("button", name="Show attention map").click()
+        page.wait_for_function("document.querySelectorAll('img').length >= 6", timeout=120_000)
+        time.sleep(2.0)
+        ed_path = os.path.join(ARTIFACTS, "editing-tab.png")
+        page.screenshot(path=ed_path, full_page=True)
+        ed_text = page.inner_text("body")
     assert os.path.getsize(inv_path) > 20_000 and os.path.getsize(ed_path) > 20_000
     assert "DDIM inversion (§8.1)" in inv_text and "SSIM" in inv_text
     assert "source replay" in ed_text and "masactrl" in ed_text

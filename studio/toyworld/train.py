@@ -59,6 +59,10 @@ class TrainConfig:
     # Weight of the penalty on feature-norm outliers in the decoder (see Trainer._outlier_penalty); 0: off.
     outlier_penalty: float = 0.0
     outlier_ratio: float = 3.0
+    # Spatially adaptive loss weight: each latent cell's loss is scaled by its running mean error over
+    # the mean cell error, clamped to [1, cell_weight_max] (1: off). Cells the model keeps getting wrong
+    # whatever the scene (a fixed-position artifact) weigh more until it is gone.
+    cell_weight_max: float = 1.0
     data_seed: int = 1234
     checkpoint_minutes: float = 5.0
     eval_minutes: float = 15.0
@@ -311,7 +315,8 @@ class Trainer:
                 pred = self.unet(zt, t, ctx).sample.float()
             snr = abar / (1 - abar).clamp_min(1e-8)
             w = snr.clamp(self.cfg.min_snr_floor, self.cfg.min_snr_gamma) / (snr + 1)
-            loss = (w * (pred - target) ** 2).mean()
+            err = (w * (pred - target) ** 2).mean(1)  # B x H x W
+            loss = (err * self._cell_weights(err)).mean() if self.cfg.cell_weight_max > 1 else err.mean()
             if self.cfg.outlier_penalty > 0:
                 loss = loss + self.cfg.outlier_penalty * self._outlier_penalty()
             self._features.clear()
@@ -325,6 +330,14 @@ class Trainer:
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=self.cfg.bf16):
             pred = self.unet(zt, t * 1000, ctx).sample.float()
         return F.mse_loss(pred, noise - z0)
+
+    def _cell_weights(self, err: torch.Tensor) -> torch.Tensor:
+        """clamp(running cell error / its mean, 1, cell_weight_max), updated from this batch (H x W)."""
+        cell = err.detach().mean(0)
+        if getattr(self, "_cell_ema", None) is None or self._cell_ema.shape != cell.shape:
+            self._cell_ema = cell.clone()
+        self._cell_ema.mul_(0.99).add_(cell, alpha=0.01)
+        return (self._cell_ema / self._cell_ema.mean()).clamp(1.0, self.cfg.cell_weight_max)
 
     def _keep_feature(self, mod, inp, out) -> None:
         if mod.training:
@@ -544,7 +557,7 @@ def evaluate_models(stage: str, unet, text_encoder, tokenizer, *, n: int = 64, s
 
 def main(args) -> int:
     cfg = TrainConfig(stage=args.stage)
-    for key in ("threads", "batch_size", "device", "workers", "bf16", "outlier_penalty"):
+    for key in ("threads", "batch_size", "device", "workers", "bf16", "outlier_penalty", "cell_weight_max"):
         if getattr(args, key, None):
             setattr(cfg, key, getattr(args, key))
     tr = Trainer(cfg)
