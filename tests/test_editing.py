@@ -104,8 +104,8 @@ def assert_restored(net, before):
 
 
 def test_methods_table():
-    assert list(METHODS) == ["sdedit", "p2p_swap", "p2p_refine", "p2p_reweight", "p2p_local_blend", "masactrl",
-                             "kv_reuse", "pnp", "diffedit", "blended"]
+    assert list(METHODS) == ["sdedit", "p2p_swap", "p2p_refine", "p2p_reweight", "p2p_local_blend", "p2p_style",
+                             "masactrl", "kv_reuse", "infedit_uac", "pnp", "diffedit", "blended"]
     for name, info in METHODS.items():
         assert info.name == name and info.section.startswith(("§", "route")) and info.label and info.help
         assert isinstance(info.defaults, dict)
@@ -141,10 +141,12 @@ def test_attention_method_with_source_prompt_is_the_replay(tiny, tiny_source, bo
     closed = {"p2p_swap": {"cross_replace_steps": 0.0, "self_replace_steps": 0.0},
               "p2p_refine": {"cross_replace_steps": 0.0, "self_replace_steps": 0.0},
               "p2p_reweight": {"cross_replace_steps": 0.0, "self_replace_steps": 0.0},
-              "pnp": {"feature_steps": 0.0, "attention_steps": 0.0}}.get(method)
+              "pnp": {"feature_steps": 0.0, "attention_steps": 0.0},
+              "p2p_style": {"cross_replace_steps": 0.0},
+              "infedit_uac": {"control_steps": 0.0}}.get(method)
     if closed is not None:
         assert torch.equal(edit(tiny, tiny_source, method, target, params={**p, **closed}).latents, free)
-    if method.startswith("p2p_"):
+    if method.startswith("p2p_") and method != "p2p_style":  # p2p_style has no self-attention replacement
         cross_only = edit(tiny, tiny_source, method, target, params={**p, "self_replace_steps": 0.0})
         assert (cross_only.latents - free).abs().max() > 0.01
     assert edit(tiny, tiny_source, method, target, params=moved.params, mask=mask).params == moved.params
@@ -285,7 +287,7 @@ def test_blended_and_sdedit_on_flow():
     diff = edit(flow, source, "diffedit", OTHER, params={"mask_threshold": 0.2})
     assert diff.mask.shape == (32, 32) and 0 < diff.mask.mean()
     assert cross_attention_map(flow, source, "cat").shape == (32, 32)  # the viewer only records
-    for method in ("p2p_swap", "masactrl", "kv_reuse", "pnp"):
+    for method in ("p2p_swap", "p2p_style", "masactrl", "kv_reuse", "infedit_uac", "pnp"):
         with pytest.raises(ValueError, match="not available for flow-matching models"):
             edit(flow, source, method, OTHER, mask=mask)
 
@@ -465,3 +467,123 @@ def test_bad_input(tiny, tiny_source, box):
     with pytest.raises(ValueError, match="an edit starts from one image"):
         inv = invert(tiny, np.zeros((2, 32, 32, 3), np.uint8), PROMPT, "ddim", steps=2)
         EditSource.from_inversion(inv)
+
+
+# --- p2p_style (§7.2.1 table, L1139) and infEdit's unified attention control (§7.2.4)
+
+
+def test_p2p_style_ends(tiny, tiny_source):
+    """alpha = 0: Ã = A_s, p2p_swap's full replacement (every column from the source, no self-attention
+    replacement) over the same window; alpha = 1: no injection, the unconstrained target run; in between
+    it is neither (so the blend acts and the ends are not the same run)."""
+    with torch.no_grad():
+        _, free, _ = run_pair(tiny, tiny_source, tiny.encode_prompt([OTHER]))
+    for window in (0.5, 1.0):
+        zero = edit(tiny, tiny_source, "p2p_style", OTHER, params={"alpha": 0.0, "cross_replace_steps": window})
+        swap = edit(tiny, tiny_source, "p2p_swap", OTHER,
+                    params={"swapped_columns": "source", "self_replace_steps": 0.0, "cross_replace_steps": window})
+        assert torch.equal(zero.latents, swap.latents)
+        assert zero.params == {"alpha": 0.0, "cross_replace_steps": window}
+    one = edit(tiny, tiny_source, "p2p_style", OTHER, params={"alpha": 1.0})
+    assert torch.equal(one.latents, free)
+    mid = edit(tiny, tiny_source, "p2p_style", OTHER)
+    assert mid.params == {"alpha": 0.2, "cross_replace_steps": 0.8}
+    assert (mid.latents - free).abs().max() > 0.01 and (mid.latents - zero.latents).abs().max() > 1e-4
+    with pytest.raises(ValueError, match="p2p_style: the prompts must have the same number of tokens"):
+        edit(tiny, tiny_source, "p2p_style", "a big blue cat")
+    with pytest.raises(ValueError, match="alpha=1.5 must be a number in \\[0, 1\\]"):
+        edit(tiny, tiny_source, "p2p_style", OTHER, params={"alpha": 1.5})
+
+
+def test_infedit_uac_ends(tiny, tiny_source):
+    """eta = gamma = 1: P_mod = P and A_merge = P V, the edit run's own attention: the unconstrained target
+    run exactly; each knob alone below 1 moves the edit away from it."""
+    with torch.no_grad():
+        _, free, _ = run_pair(tiny, tiny_source, tiny.encode_prompt([OTHER]))
+    ones = edit(tiny, tiny_source, "infedit_uac", OTHER, params={"eta": 1.0, "gamma": 1.0})
+    assert torch.equal(ones.latents, free)
+    assert ones.params == {"eta": 1.0, "gamma": 1.0, "control_steps": 1.0}
+    cross = edit(tiny, tiny_source, "infedit_uac", OTHER, params={"eta": 0.0, "gamma": 1.0})
+    self_ = edit(tiny, tiny_source, "infedit_uac", OTHER, params={"eta": 1.0, "gamma": 0.0})
+    assert (cross.latents - free).abs().max() > 0.01 and (self_.latents - free).abs().max() > 0.01
+    half = edit(tiny, tiny_source, "infedit_uac", OTHER, params={"control_steps": 0.5})
+    assert not torch.equal(half.latents, free)
+    with pytest.raises(ValueError, match="infedit_uac: gamma=2 must be a number in \\[0, 1\\]"):
+        edit(tiny, tiny_source, "infedit_uac", OTHER, params={"gamma": 2})
+    # insertions are aligned (P2P's refinement mapper), not refused
+    assert edit(tiny, tiny_source, "infedit_uac", "a big blue cat").latents.shape == free.shape
+
+
+def test_p2p_style_processor_formula():
+    """Ã = (1 - α) A_s + α A_t on the conditional edit row, output W_O(Ã V_edit) (§7.2.1 table, L1139)."""
+    from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+
+    from studio.attention.edit import EditAttentionProcessor, LayerInfo
+    from studio.attention.p2p_style import StyleInjection
+
+    torch.manual_seed(2)
+    attn = Attention(query_dim=8, cross_attention_dim=6, heads=2, dim_head=4).eval()
+    layer = LayerInfo("up_blocks.0.attentions.0.transformer_blocks.0.attn2", True, "up", 0, 0)
+    h, ctx = torch.randn(4, 16, 8), torch.randn(4, 5, 6)  # rows: src_u, edit_u, src_c, edit_c
+    with torch.no_grad():
+        own = AttnProcessor2_0()(attn, h, encoder_hidden_states=ctx)
+        q, k, v = _heads(attn.to_q(h)), _heads(attn.to_k(ctx)), _heads(attn.to_v(ctx))
+        a = (q @ k.transpose(-1, -2) / 2.0).softmax(-1)
+    for alpha in (0.0, 0.2, 0.7, 1.0):
+        ctl = StyleInjection(alpha, cross_replace_steps=1.0)
+        ctl.begin(1)
+        ctl.set_layout(4, ((0, 1), (2, 3)), (2, 3), (4, 4))
+        with torch.no_grad():
+            out = EditAttentionProcessor(AttnProcessor2_0(), ctl, layer)(attn, h, encoder_hidden_states=ctx)
+            blend = (1 - alpha) * a[2] + alpha * a[3]
+            expected = attn.to_out[0]((blend @ v[3]).transpose(0, 1).reshape(1, 16, 8))
+        assert torch.allclose(out[3:], expected, atol=1e-5), alpha
+        assert torch.equal(out[:3], own[:3])
+        if alpha == 1.0:
+            assert torch.equal(out, own)
+
+
+def test_infedit_uac_processor_formulas():
+    """Cross-attention: P_mod = η P_edit + (1 - η) P'_source on the conditional edit row, output
+    W_O(P_mod V_edit); self-attention: W_O(γ P_e V_e + (1 - γ) P_s V_s) on every edit row (§7.2.4)."""
+    from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+
+    from studio.attention.edit import EditAttentionProcessor, LayerInfo
+    from studio.attention.infedit import UnifiedAttentionControl
+
+    torch.manual_seed(3)
+    cross = Attention(query_dim=8, cross_attention_dim=6, heads=2, dim_head=4).eval()
+    selfa = Attention(query_dim=8, heads=2, dim_head=4).eval()
+    lc = LayerInfo("up_blocks.0.attentions.0.transformer_blocks.0.attn2", True, "up", 0, 0)
+    ls = LayerInfo("up_blocks.0.attentions.0.transformer_blocks.0.attn1", False, "up", 0, 0)
+    h, ctx = torch.randn(4, 16, 8), torch.randn(4, 5, 6)  # rows: src_u, edit_u, src_c, edit_c
+    mapper, keep = np.array([0, 1, 1, 3, 4]), np.array([True, True, False, True, True])
+    for eta, gamma in ((0.0, 0.0), (0.5, 0.5), (0.3, 0.8), (1.0, 1.0)):
+        ctl = UnifiedAttentionControl(mapper, keep, eta=eta, gamma=gamma, control_steps=1.0)
+        ctl.begin(1)
+        ctl.set_layout(4, ((0, 1), (2, 3)), (2, 3), (4, 4))
+        with torch.no_grad():
+            out = EditAttentionProcessor(AttnProcessor2_0(), ctl, lc)(cross, h, encoder_hidden_states=ctx)
+            own = AttnProcessor2_0()(cross, h, encoder_hidden_states=ctx)
+            q, k, v = _heads(cross.to_q(h)), _heads(cross.to_k(ctx)), _heads(cross.to_v(ctx))
+            a = (q @ k.transpose(-1, -2) / 2.0).softmax(-1)
+            alt = torch.where(torch.tensor(keep), a[2][..., mapper], a[3])
+            alt = alt / alt.sum(-1, keepdim=True)
+            p_mod = eta * a[3] + (1 - eta) * alt
+            expected = cross.to_out[0]((p_mod @ v[3]).transpose(0, 1).reshape(1, 16, 8))
+            assert torch.allclose(out[3:], expected, atol=1e-5), (eta, gamma)
+            assert torch.equal(out[:3], own[:3])
+
+            out = EditAttentionProcessor(AttnProcessor2_0(), ctl, ls)(selfa, h)
+            own = AttnProcessor2_0()(selfa, h)
+            q, k, v = (_heads(f(h)) for f in (selfa.to_q, selfa.to_k, selfa.to_v))
+            pv = (q @ k.transpose(-1, -2) / 2.0).softmax(-1) @ v  # (4, heads, 16, 4)
+            for s, e in ((0, 1), (2, 3)):
+                merged = gamma * pv[e] + (1 - gamma) * pv[s]
+                expected = selfa.to_out[0](merged.transpose(0, 1).reshape(1, 16, 8))
+                assert torch.allclose(out[e:e + 1], expected, atol=1e-5), (eta, gamma, e)
+                assert torch.equal(out[s:s + 1], own[s:s + 1])
+            if gamma == 0.0:  # all merged: the edit rows' output is the source rows' own
+                assert torch.allclose(out[1], own[0], atol=1e-5) and torch.allclose(out[3], own[2], atol=1e-5)
+        if eta == gamma == 1.0:
+            assert not ctl.wants(lc) and not ctl.wants(ls)

@@ -17,8 +17,10 @@ edit branch's rows:
   edit.py      the processor, the controller contract, layer enumeration, install/restore
   tokens.py    prompt tokens, their cross-attention columns, Prompt-to-Prompt's token alignment
   p2p.py       Prompt-to-Prompt (§7.2.1): column mapping, reweighting, self-attention copy, local blend
+  p2p_style.py Prompt-to-Prompt's style injection, Ã = (1 - α) A_s + α A_t (§7.2.1 table)
   masactrl.py  MasaCtrl's mutual self-attention (§7.2.2)
   kv_reuse.py  background keys and values from the source pass (§7.2.3)
+  infedit.py   infEdit's unified attention control: modulation and merging (§7.2.4)
   pnp.py       Plug-and-Play feature and self-attention injection (§7.3.1)
   store.py     a recorder of cross-attention maps; viewer.py: the attention viewer on top of it
 """

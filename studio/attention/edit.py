@@ -13,7 +13,8 @@ replace rows of Q, K, V (MasaCtrl, KV reuse, PnP) or of A (Prompt-to-Prompt), an
 into the edit rows the controller names.
 
 Controllers keep Prompt-to-Prompt's small interface (STYLE item 3): `forward(probs, layer)` edits
-attention probabilities, `edit_qkv(layer, q, k, v)` edits the projections, `between_steps()` advances
+attention probabilities, `edit_qkv(layer, q, k, v)` edits the projections, `merge_rows(layer)` names
+edit rows whose attention output is mixed with the source row's own (infEdit's merging, §7.2.4), `between_steps()` advances
 the step and `reset()` forgets the run. Before every forward the runner tells the controller the batch
 layout (`set_layout`): which rows are the source branch and which the edit branch, pair by pair
 (one pair without CFG; an unconditional and a conditional pair with CFG).
@@ -155,6 +156,12 @@ class AttentionController:
         """(probs, rows): attention probabilities (B, heads, N, L) with some rows edited, and the rows to write."""
         return probs, ()
 
+    def merge_rows(self, layer: LayerInfo) -> dict:
+        """{edit row: (source row, γ)}: rows whose attention output (before W_O) becomes
+        γ * (their own) + (1 - γ) * (the source row's own attention, softmax(Q_s K_s^T) V_s); infEdit's
+        attention merging (§7.2.4). The default merges nothing."""
+        return {}
+
     def grid(self, n_tokens: int) -> tuple[int, int]:
         return token_grid(n_tokens, self.latent_size)
 
@@ -190,6 +197,7 @@ class EditAttentionProcessor:
         if attention_mask is not None:
             mask = attn.prepare_attention_mask(attention_mask, context.shape[1], batch)
             mask = mask.view(batch, attn.heads, -1, mask.shape[-1])
+        q0, k0, v0 = q, k, v  # the projections before the controller's edits (merging reads the source's own)
         q, k, v, rows_qkv = ctl.edit_qkv(self.layer, q, k, v)
         rows_p: Sequence[int] = ()
         probs = None
@@ -212,6 +220,16 @@ class EditAttentionProcessor:
                 parts.append(F.scaled_dot_product_attention(q[r:r + 1], k[r:r + 1], v[r:r + 1], attn_mask=m,
                                                             dropout_p=0.0, is_causal=False))
         h = torch.cat(parts)
+        merge = ctl.merge_rows(self.layer)
+        if merge:
+            h = h.clone()
+            for pos, r in enumerate(rows):
+                if r in merge:
+                    s, g = merge[r]
+                    m = None if mask is None else mask[s:s + 1]
+                    own_s = F.scaled_dot_product_attention(q0[s:s + 1], k0[s:s + 1], v0[s:s + 1], attn_mask=m,
+                                                           dropout_p=0.0, is_causal=False)
+                    h[pos] = g * h[pos] + (1.0 - g) * own_s[0]
         h = h.transpose(1, 2).reshape(len(rows), -1, attn.heads * head_dim).to(q.dtype)
         sub_shape = None if shape4 is None else (len(rows),) + tuple(shape4[1:])
         edited = attention_output(attn, h, residual.index_select(0, idx), sub_shape)

@@ -11,8 +11,13 @@ Methods (`METHODS`), one file each:
 * "p2p_swap", "p2p_refine", "p2p_reweight", "p2p_local_blend" (§7.2.1, `p2p.py`): Prompt-to-Prompt's
   cross-attention injection, the source and edit runs side by side; local blend is also an option
   (`blend_words`) of the other three.
+* "p2p_style" (§7.2.1 table, L1139, `p2p_style.py`): style injection, the cross-attention layer blend
+  Ã = (1 - α) A_s + α A_t (α ≈ 0.2), prompts of the same token count.
 * "masactrl" (§7.2.2, `masactrl.py`): mutual self-attention, Q_edit with the source's K, V.
 * "kv_reuse" (§7.2.3, `kv_reuse.py`): background K, V from the source pass (needs a mask).
+* "infedit_uac" (§7.2.4, `infedit.py`): infEdit's unified attention control, cross-attention modulation
+  P_mod = η P + (1 - η) P' and self-attention merging γ (P V) + (1 - γ) (P' V') with the source branch
+  (on the usual paired source/edit runs: the survey does not describe infEdit's inversion-free sampler).
 * "pnp" (§7.3.1, `pnp.py`): decoder feature and self-attention injection in the early steps.
 * "diffedit" (`diffedit.py`): a mask from the noise predictions under the two prompts, then blended
   denoising from the inverted latents; the computed mask comes back in `EditResult.mask`.
@@ -35,7 +40,7 @@ from typing import Optional
 import numpy as np
 
 from ..attention.base import attention_network
-from . import blended, diffedit, kv_reuse, masactrl, p2p, pnp, sdedit
+from . import blended, diffedit, infedit, kv_reuse, masactrl, p2p, p2p_style, pnp, sdedit
 from .base import EditResult, EditSource, Progress, check_mask, decode_image, replay, source_from_generation
 
 
@@ -77,6 +82,11 @@ METHODS: dict[str, MethodInfo] = {
         True,
         "Refinement plus a local blend: outside the cross-attention mask of blend_words (looked up in both "
         "prompts; default: the words the edit changes) the edit keeps the source latent. " + _P2P_HELP),
+    "p2p_style": MethodInfo(
+        "p2p_style", "§7.2.1", "Prompt-to-Prompt: style injection", dict(p2p_style.DEFAULTS), False, True,
+        "Layer blend of the cross-attention maps, Ã = (1 - alpha) A_source + alpha A_target (the survey's alpha "
+        "0.2), during the first cross_replace_steps of the run; the prompts must have the same number of tokens. "
+        "alpha 0 copies the source's maps (p2p_swap's full replacement), 1 is no injection."),
     "masactrl": MethodInfo(
         "masactrl", "§7.2.2", "MasaCtrl (mutual self-attention)", dict(masactrl.DEFAULTS), False, True,
         "From step start_step on, decoder self-attention layers from start_layer on read the source's keys and "
@@ -86,6 +96,12 @@ METHODS: dict[str, MethodInfo] = {
         "kv_reuse", "§7.2.3", "KV reuse (background preservation)", dict(kv_reuse.DEFAULTS), True, True,
         "Self-attention keys and values outside the mask come from the source pass, inside from the edit. "
         "keep_background also resets the latent outside the mask to the source's after every step."),
+    "infedit_uac": MethodInfo(
+        "infedit_uac", "§7.2.4", "infEdit: unified attention control", dict(infedit.DEFAULTS), False, True,
+        "Cross-attention modulation P_mod = eta P_edit + (1 - eta) P_source (source columns aligned to the target "
+        "tokens) and self-attention merging gamma (P V)_edit + (1 - gamma) (P V)_source, during the first "
+        "control_steps of the run; eta = gamma = 1 is the plain target run. Runs beside the source replay "
+        "(infEdit's inversion-free sampler is not in the survey)."),
     "pnp": MethodInfo(
         "pnp", "§7.3.1", "Plug-and-Play features", dict(pnp.DEFAULTS), False, True,
         "Inject the source's decoder resnet features (feature_layer, first feature_steps of the run) and "
@@ -103,7 +119,8 @@ METHODS: dict[str, MethodInfo] = {
 
 FLOW_METHODS = ("sdedit", "blended", "diffedit")
 MASK_OPTIONAL = ("diffedit",)  # a painted mask replaces the computed one; an empty one is no mask
-ATTENTION_METHODS = ("p2p_swap", "p2p_refine", "p2p_reweight", "p2p_local_blend", "masactrl", "kv_reuse", "pnp")
+ATTENTION_METHODS = ("p2p_swap", "p2p_refine", "p2p_reweight", "p2p_local_blend", "p2p_style", "masactrl", "kv_reuse",
+                     "infedit_uac", "pnp")
 
 
 def _check(bundle, source: EditSource, method: str, target_prompt, mask):
@@ -150,6 +167,10 @@ def edit(bundle, source: EditSource, method: str, target_prompt: str, *, params:
     if method == "diffedit":
         return diffedit.run(bundle, source, target_prompt, p, mask, **kw)
     net = attention_network(bundle, method)
+    if method == "p2p_style":
+        return p2p_style.run(bundle, source, target_prompt, p, net=net, **kw)
+    if method == "infedit_uac":
+        return infedit.run(bundle, source, target_prompt, p, net=net, **kw)
     if method.startswith("p2p_"):
         return p2p.run(bundle, source, target_prompt, method, p, net=net, **kw)
     if method == "masactrl":
