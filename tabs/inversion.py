@@ -12,7 +12,6 @@ ground truth is known.
 
 from __future__ import annotations
 
-import json
 import time
 
 import gradio as gr

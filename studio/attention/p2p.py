@@ -38,6 +38,15 @@ from .edit import AttentionController, LayerInfo
 SELF_REPLACE_MAX_TOKENS = 16 * 16
 
 
+
+def source_qk(q, k, v, pair):
+    """The edit row takes the source row's queries and keys, so its attention map is the source's
+    (P2P's map copy, §7.2.1); returns (q, k, v, edited rows) as a controller's `edit_qkv` does."""
+    s, e = pair
+    q, k = q.clone(), k.clone()
+    q[e], k[e] = q[s], k[s]
+    return q, k, v, (e,)
+
 class PromptToPrompt(AttentionController):
     """Cross-attention column mapping, reweighting and self-attention replacement on the conditional pair.
 
@@ -92,10 +101,7 @@ class PromptToPrompt(AttentionController):
                 return q, k, v, ()
         elif not self.replacing_self(layer, q.shape[2]):
             return q, k, v, ()
-        s, e = self.cond_pair
-        q, k = q.clone(), k.clone()
-        q[e], k[e] = q[s], k[s]
-        return q, k, v, (e,)
+        return source_qk(q, k, v, self.cond_pair)
 
     def forward(self, probs, layer):
         s, e = self.cond_pair

@@ -17,6 +17,7 @@ and keys and the edit row's values, exactly as p2p_swap's full replacement (`Pro
 from __future__ import annotations
 
 from .edit import AttentionController, LayerInfo
+from .p2p import source_qk
 
 
 class StyleInjection(AttentionController):
@@ -36,10 +37,7 @@ class StyleInjection(AttentionController):
     def edit_qkv(self, layer, q, k, v):
         if not self.copy_map:
             return q, k, v, ()
-        s, e = self.cond_pair
-        q, k = q.clone(), k.clone()
-        q[e], k[e] = q[s], k[s]
-        return q, k, v, (e,)
+        return source_qk(q, k, v, self.cond_pair)
 
     def forward(self, probs, layer):
         if self.copy_map:
