@@ -226,6 +226,8 @@ class Trainer:
             n = id_to_name[id(p)]
             for key, val in st.items():
                 tensors[f"opt.{n}.{key}"] = torch.as_tensor(val).detach().cpu().clone().contiguous()
+        if getattr(self, "_cell_ema", None) is not None:  # the adaptive cell weights' running error: exact resume
+            tensors["aux.cell_ema"] = self._cell_ema.detach().cpu().clone().contiguous()
         meta = {"step": self.step, "elapsed": self.elapsed, "config": asdict(self.cfg), "history": self.history, "names": names}
         tmp = os.path.join(self.dir, "state.tmp.safetensors")
         save_file(tensors, tmp)
@@ -257,6 +259,8 @@ class Trainer:
                     st[key] = t.to(self.dev) if key != "step" or self.dev.type == "cuda" else t
             if st:
                 self.opt.state[p] = st
+        if "aux.cell_ema" in tensors:
+            self._cell_ema = tensors["aux.cell_ema"].to(self.dev)
         self.step, self.elapsed, self.history = meta["step"], meta["elapsed"], meta.get("history", [])
         self.log(f"resumed {self.cfg.stage} at step {self.step} ({self.elapsed / 60:.1f} min trained)")
         return True
@@ -315,12 +319,7 @@ class Trainer:
                 pred = self.unet(zt, t, ctx).sample.float()
             snr = abar / (1 - abar).clamp_min(1e-8)
             w = snr.clamp(self.cfg.min_snr_floor, self.cfg.min_snr_gamma) / (snr + 1)
-            err = (w * (pred - target) ** 2).mean(1)  # B x H x W
-            loss = (err * self._cell_weights(err)).mean() if self.cfg.cell_weight_max > 1 else err.mean()
-            if self.cfg.outlier_penalty > 0:
-                loss = loss + self.cfg.outlier_penalty * self._outlier_penalty()
-            self._features.clear()
-            return loss
+            return self._reduce((w * (pred - target) ** 2).mean(1))  # B x H x W
         # flow: t on the shifted grid used at sampling time
         u = torch.rand(b, generator=gen)
         s = self.scheduler.config.shift
@@ -329,7 +328,16 @@ class Trainer:
         zt = (1 - tt) * z0 + tt * noise
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=self.cfg.bf16):
             pred = self.unet(zt, t * 1000, ctx).sample.float()
-        return F.mse_loss(pred, noise - z0)
+        return self._reduce(((pred - (noise - z0)) ** 2).mean(1))
+
+    def _reduce(self, err: torch.Tensor) -> torch.Tensor:
+        """Mean of the per-cell error (B x H x W), with the spatially adaptive cell weights and the
+        decoder outlier penalty when the recipe turns them on (both stages)."""
+        loss = (err * self._cell_weights(err)).mean() if self.cfg.cell_weight_max > 1 else err.mean()
+        if self.cfg.outlier_penalty > 0:
+            loss = loss + self.cfg.outlier_penalty * self._outlier_penalty()
+        self._features.clear()
+        return loss
 
     def _cell_weights(self, err: torch.Tensor) -> torch.Tensor:
         """clamp(running cell error / its mean, 1, cell_weight_max), updated from this batch (H x W)."""
