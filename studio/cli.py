@@ -249,6 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="shapesworld: weight of the decoder feature-norm outlier penalty (0: off)")
     t.add_argument("--cell-weight-max", type=float, default=None,
                    help="shapesworld: cap of the spatially adaptive loss weight (1: off)")
+    t.add_argument("--cell-weight-power", type=float, default=None,
+                   help="shapesworld: power of the cell error ratio in the adaptive loss weight (default 1)")
     t.set_defaults(func=_train)
 
     g = sub.add_parser("generate", help="text to image")

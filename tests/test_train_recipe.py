@@ -79,6 +79,12 @@ def test_cell_weights_follow_the_running_error_and_are_clamped(tmp_path, monkeyp
     w2 = tr._cell_weights(err2)
     ema = 0.99 * cell + 0.01 * err2.mean(0)
     torch.testing.assert_close(w2, (ema / ema.mean()).clamp(1.0, 4.0))
+    # with a power: (ratio ** p), then clamped
+    tr.cfg.cell_weight_power, tr.cfg.cell_weight_max = 2.0, 100.0
+    tr._cell_ema = None
+    w3 = tr._cell_weights(err)
+    torch.testing.assert_close(w3, ((cell / cell.mean()) ** 2).clamp(1.0, 100.0))
+    assert float(w3[1, 2]) > float(w[1, 2]) ** 1.5  # the 3x cell weighs its ratio squared (3.7 against 1.9)
 
 
 def _weights(tr: T.Trainer) -> dict[str, torch.Tensor]:

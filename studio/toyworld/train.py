@@ -63,6 +63,7 @@ class TrainConfig:
     # the mean cell error, clamped to [1, cell_weight_max] (1: off). Cells the model keeps getting wrong
     # whatever the scene (a fixed-position artifact) weigh more until it is gone.
     cell_weight_max: float = 1.0
+    cell_weight_power: float = 1.0  # weight = (running cell error / mean) ** power, then clamped
     data_seed: int = 1234
     checkpoint_minutes: float = 5.0
     eval_minutes: float = 15.0
@@ -340,12 +341,14 @@ class Trainer:
         return loss
 
     def _cell_weights(self, err: torch.Tensor) -> torch.Tensor:
-        """clamp(running cell error / its mean, 1, cell_weight_max), updated from this batch (H x W)."""
+        """clamp((running cell error / its mean) ** cell_weight_power, 1, cell_weight_max), updated from this
+        batch (H x W). A power above 1 keeps the pressure on a cell whose error has fallen but is still
+        several times the rest."""
         cell = err.detach().mean(0)
         if getattr(self, "_cell_ema", None) is None or self._cell_ema.shape != cell.shape:
             self._cell_ema = cell.clone()
         self._cell_ema.mul_(0.99).add_(cell, alpha=0.01)
-        return (self._cell_ema / self._cell_ema.mean()).clamp(1.0, self.cfg.cell_weight_max)
+        return (self._cell_ema / self._cell_ema.mean()).pow(self.cfg.cell_weight_power).clamp(1.0, self.cfg.cell_weight_max)
 
     def _keep_feature(self, mod, inp, out) -> None:
         if mod.training:
@@ -565,7 +568,7 @@ def evaluate_models(stage: str, unet, text_encoder, tokenizer, *, n: int = 64, s
 
 def main(args) -> int:
     cfg = TrainConfig(stage=args.stage)
-    for key in ("threads", "batch_size", "device", "workers", "bf16", "outlier_penalty", "cell_weight_max"):
+    for key in ("threads", "batch_size", "device", "workers", "bf16", "outlier_penalty", "cell_weight_max", "cell_weight_power"):
         if getattr(args, key, None):
             setattr(cfg, key, getattr(args, key))
     tr = Trainer(cfg)
