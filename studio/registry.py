@@ -93,7 +93,10 @@ def training_note(spec: ModelSpec) -> str:
     evals = [h["eval"] for h in info.get("history", []) if "eval" in h]
     note = f"trained {info.get('step', 0)} steps ({info.get('elapsed', 0) / 3600:.1f} h of training)"
     if evals:
-        note += f"; prompt adherence {evals[-1].get('all_correct', 0):.0%} all-correct at CFG 5"
+        last = evals[-1]
+        at = "" if last.get("step", info.get("step")) == info.get("step") else f" at step {last['step']}"
+        n = f", {int(last['n'])} prompts" if "n" in last else ""
+        note += f"; prompt adherence {last.get('all_correct', 0):.0%} all-correct at CFG 5 (EMA{at}{n})"
     return note
 
 

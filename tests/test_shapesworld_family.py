@@ -59,3 +59,19 @@ def test_tiny_shapesworld_folder_generates(tmp_path, flow):
             ref = ((PixelUnshuffleCodec().decode(z) / 2 + 0.5).clamp(0, 1)).permute(0, 2, 3, 1).numpy()
         err = np.linalg.norm(res.unit - ref) / np.linalg.norm(ref)
         assert err < 1e-4, err
+
+
+def test_training_note_names_the_step_and_size_of_its_adherence_figure(tmp_path):
+    """The header's adherence figure says which weights and how many prompts it was measured on."""
+    from studio.registry import ModelSpec, training_note
+
+    info = {"step": 500, "elapsed": 7200.0,
+            "history": [{"step": 300, "eval": {"all_correct": 0.5, "n": 64.0, "step": 300}}]}
+    (tmp_path / "training.json").write_text(json.dumps(info))
+    spec = ModelSpec("m", "asset", str(tmp_path))
+    assert training_note(spec) == ("trained 500 steps (2.0 h of training); prompt adherence 50% all-correct "
+                                   "at CFG 5 (EMA at step 300, 64 prompts)")
+    info["history"].append({"step": 500, "eval": {"all_correct": 0.75, "n": 256.0, "step": 500}})
+    (tmp_path / "training.json").write_text(json.dumps(info))
+    assert training_note(spec).endswith("75% all-correct at CFG 5 (EMA, 256 prompts)")
+    assert training_note(ModelSpec("m", "local", str(tmp_path))) == ""
