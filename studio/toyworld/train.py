@@ -479,6 +479,10 @@ class Trainer:
         os.makedirs(tmp)
         unet.to(torch.float16).save_pretrained(os.path.join(tmp, "unet"))
         te.to(torch.float16).save_pretrained(os.path.join(tmp, "text_encoder"))
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        if backend is not None:  # an eval before the export leaves padding/truncation switched on in the saved file
+            backend.no_padding()
+            backend.no_truncation()
         self.tokenizer.save_pretrained(os.path.join(tmp, "tokenizer"))
         self.scheduler.save_pretrained(os.path.join(tmp, "scheduler"))
         self.codec.save_pretrained(os.path.join(tmp, "codec"))
