@@ -30,6 +30,7 @@ import copy
 import os
 import statistics
 import sys
+import random
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -40,6 +41,19 @@ quiet_environment()
 
 PROMPT = "a small red circle at the top on a white background"
 PARAMS = {"cfg_pp": {"guidance_scale": 0.6}}
+
+
+def _truth_image() -> str:
+    """A rendered ShapesWorld scene of PROMPT's kind, saved as the measurement methods' ground truth."""
+    import tempfile
+
+    from PIL import Image
+
+    from studio.toyworld.world import render, sample_scene
+
+    path = os.path.join(tempfile.mkdtemp(prefix="bench-guidance-"), "truth.png")
+    Image.fromarray(render(sample_scene(random.Random(0), n_objects=1))).save(path)
+    return path
 
 
 def main(argv=None) -> int:
@@ -75,6 +89,10 @@ def main(argv=None) -> int:
     try:
         methods = guidance_names()
         extra = {name: {} for name in methods}
+        truth = _truth_image()  # the inverse-problem methods (§6) measure a ground-truth scene
+        for name in methods:
+            if name.startswith("measurement_"):
+                extra[name] = {"image": truth, "guidance_scale": 1.0}
         _, _, probe = run("adaptive", threshold=1.0)  # never switches: the cosine of every step
         gammas = probe.similarities
         default = build("adaptive").threshold
