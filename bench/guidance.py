@@ -96,10 +96,12 @@ def main(argv=None) -> int:
         _, _, probe = run("adaptive", threshold=1.0)  # never switches: the cosine of every step
         gammas = probe.similarities
         default = build("adaptive").threshold
-        reached = [i for i, g in enumerate(gammas) if g >= default]
+        _, _, run_default = run("adaptive")  # where the default run switches (its min_signal rule included)
+        switched = run_default.converged
         notes.append("adaptive: cosine per step " + " ".join(f"{g:.6f}" for g in gammas))
-        if reached:
-            notes.append(f"adaptive: threshold {default} first reached at step {reached[0]} of {len(gammas)}")
+        if switched:
+            notes.append(f"adaptive: threshold {default} switches to one branch after step "
+                         f"{len(run_default.similarities) - 1} of {len(gammas)}")
         else:
             notes.append(f"adaptive: threshold {default} never reached: adaptive runs CFG throughout")
         records = [k for k in range(1, len(gammas)) if gammas[k] > max(gammas[:k])]
@@ -109,8 +111,9 @@ def main(argv=None) -> int:
             methods.append("adaptive_later")
             extra["adaptive_later"] = {"threshold": gammas[k]}
         else:
-            notes.append("adaptive_later: not measured; the first step's cosine is the largest, so every "
-                         "threshold the model reaches switches at step 0")
+            notes.append("adaptive_later: not measured; the first step's cosine is the largest (at zero terminal "
+                         "SNR its alpha is 0 and the cosine 1, a step on which min_signal forbids the switch), so "
+                         "this rule finds no later threshold")
 
         run("cfg"), [run(m, **extra[m]) for m in methods]  # warm-up
         ratios = {m: [] for m in methods}
