@@ -78,3 +78,17 @@ def test_pickle_weights_inside_folder_are_refused(tmp_path):
     with pytest.raises(UnsafeModelError, match="pickle"):
         check_model_folder(str(tmp_path))
     check_model_folder(str(tmp_path), allow_pickle=True)  # a local setting may allow it
+
+
+def test_bench_guidance_times_every_registered_method(capsys):
+    """The bench runs every method (the measurement ones on a rendered ground truth) and prints its ratio line."""
+    from bench.guidance import main
+    from studio.guidance import guidance_names
+
+    assert main(["--steps", "3", "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    for m in guidance_names():
+        assert f"ratio_{m}=" in out, m
+    assert "nfe_per_image" in out and "targets:" in out
+    nfe = dict(kv.split("=") for kv in out.split("nfe_per_image ")[1].splitlines()[0].split())
+    assert int(nfe["cfg"]) == 6 and int(nfe["measurement_hard"]) == 3 and int(nfe["pag"]) == 9
