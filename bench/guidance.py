@@ -28,9 +28,9 @@ from __future__ import annotations
 import argparse
 import copy
 import os
+import random
 import statistics
 import sys
-import random
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -95,9 +95,8 @@ def main(argv=None) -> int:
                 extra[name] = {"image": truth, "guidance_scale": 1.0}
         _, _, probe = run("adaptive", threshold=1.0)  # never switches: the cosine of every step
         gammas = probe.similarities
-        default = build("adaptive").threshold
         _, _, run_default = run("adaptive")  # where the default run switches (its min_signal rule included)
-        switched = run_default.converged
+        default, switched = run_default.threshold, run_default.converged
         notes.append("adaptive: cosine per step " + " ".join(f"{g:.6f}" for g in gammas))
         if switched:
             notes.append(f"adaptive: threshold {default} switches to one branch after step "
