@@ -115,3 +115,76 @@ def test_resume_is_exact_with_every_recipe_option(tmp_path, monkeypatch):
     # not vacuous: training moved the weights, and a resume without the saved state would differ
     d = T.Trainer(_cfg(**opts), log=_quiet)
     assert not torch.equal(_weights(d)["unet.conv_out.weight"], wa["unet.conv_out.weight"])
+
+
+def test_weak_stage_trains_a_fresh_unet_against_the_frozen_shipped_text_encoder(tmp_path, monkeypatch):
+    """AutoGuidance's weak model (survey §5.2.5) must take the main model's conditioning: the weak stage
+    trains a fresh UNet with the v-objective against the shipped text encoder, which does not move."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    monkeypatch.setattr(T, "RUN_DIR", str(tmp_path))
+    base = T.asset_path("shapesworld")
+    shipped_te = CLIPTextModel.from_pretrained(f"{base}/text_encoder", torch_dtype=torch.float32)
+    shipped_unet = UNet2DConditionModel.from_pretrained(f"{base}/unet", torch_dtype=torch.float32)
+    tr = T.Trainer(_cfg(stage="weak", weak_step=3), log=_quiet)
+    assert not any(p.requires_grad for p in tr.text_encoder.parameters())
+    assert all(k.startswith("unet.") for k in tr._trainable_state())
+    # a fresh UNet, not the shipped one
+    assert not torch.equal(tr.unet.conv_out.weight, shipped_unet.conv_out.weight)
+    # the same v-objective as the text-unet stage, on the same draws
+    x, caps = T.batch_for_step(0, tr.cfg)
+    ids = T.tokenize(tr.tokenizer, caps)
+    ref = T.Trainer(_cfg(stage="text-unet"), log=_quiet)
+    with torch.no_grad():
+        ref.unet.load_state_dict(tr.unet.state_dict())
+        ref.text_encoder.load_state_dict(tr.text_encoder.state_dict())
+        torch.testing.assert_close(tr.loss(x, ids, torch.Generator().manual_seed(2)),
+                                   ref.loss(x, ids, torch.Generator().manual_seed(2)), rtol=1e-5, atol=1e-7)
+    before = tr.unet.conv_out.weight.detach().clone()
+    tr.train(steps=10)
+    assert tr.step == 3  # the stage ends at weak_step
+    assert not torch.equal(before, tr.unet.conv_out.weight)
+    for (n, p), q in zip(tr.text_encoder.named_parameters(), shipped_te.parameters()):
+        assert torch.equal(p, q), n
+
+
+def test_weak_export_names_its_text_encoder_and_the_loader_refuses_a_stale_one(tmp_path, monkeypatch):
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from studio.families.shapesworld import load_shapesworld
+    from studio.guidance import get_guidance
+
+    assets = tmp_path / "assets"
+    model = assets / "shapesworld"
+    shutil.copytree(T.asset_path("shapesworld"), model)
+    monkeypatch.setattr(T, "ASSET_DIR", str(assets))
+    monkeypatch.setattr(T, "RUN_DIR", str(tmp_path / "runs"))
+    tr = T.Trainer(_cfg(stage="weak", weak_step=1), log=_quiet)
+    tr.train(steps=1)
+    tr.export()
+    meta = json.loads((model / "unet_weak" / "weak.json").read_text())
+    assert meta["step"] == 1 and meta["text_encoder_sha256"] == T.file_sha256(str(model / "text_encoder" / "model.safetensors"))
+    assert T.weak_unet_mismatch(str(model)) is None
+    bundle = load_shapesworld(str(model))
+    weak = bundle.modules["unet_weak"]
+    torch.testing.assert_close(weak.conv_out.weight.float(), tr.ema["unet.conv_out.weight"].half().float())
+
+    # another text encoder (one weight changed): the weak UNet no longer fits and is not loaded
+    te_file = model / "text_encoder" / "model.safetensors"
+    tensors = load_file(str(te_file))
+    key = next(k for k in tensors if k.endswith("final_layer_norm.bias"))
+    tensors[key] = tensors[key] + 1
+    save_file(tensors, str(te_file), metadata={"format": "pt"})
+    assert "another text encoder" in T.weak_unet_mismatch(str(model))
+    stale = load_shapesworld(str(model))
+    assert "unet_weak" not in stale.modules
+    g = get_guidance("autoguidance")
+    try:
+        with g.patch(stale):
+            raise AssertionError("AutoGuidance ran with a stale weak UNet")
+    except ValueError as e:
+        assert "--stage weak" in str(e) and "another text encoder" in str(e)

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from ..toyworld.codec import PixelUnshuffleCodec
+from ..toyworld.train import WEAK_DIR, weak_unet_mismatch
 from .base import register_family
 from .sd import SDBundle, read_scheduler_config, prediction_type_of
 
@@ -39,15 +40,21 @@ def _load(path: str, family: str, dtype, allow_pickle: bool) -> ShapesWorldBundl
     tok = CLIPTokenizer.from_pretrained(os.path.join(path, "tokenizer"))
     codec = PixelUnshuffleCodec.from_pretrained(os.path.join(path, "codec"))
     modules = {"unet": unet, "text_encoder": te}
-    if os.path.isdir(os.path.join(path, "unet_weak")):
-        modules["unet_weak"] = UNet2DConditionModel.from_pretrained(path, subfolder="unet_weak", torch_dtype=dtype, use_safetensors=st)
+    extra = {}
+    if os.path.isdir(os.path.join(path, WEAK_DIR)):
+        why = weak_unet_mismatch(path)
+        if why is None:
+            modules["unet_weak"] = UNet2DConditionModel.from_pretrained(path, subfolder=WEAK_DIR, torch_dtype=dtype, use_safetensors=st)
+        else:  # AutoGuidance with it would guide away from a model that reads other embeddings: refuse it
+            extra["weak_unet_refused"] = (f"{why}; retrain it with `python -m studio train shapesworld --stage weak "
+                                          "--minutes 60 --export`")
     sched = read_scheduler_config(path)
     size = unet.config.sample_size * codec.factor
     return ShapesWorldBundle(
         name="", family=family, kind="flow" if family == "shapesworld-flow" else "vp",
         prediction_type=prediction_type_of(sched), scheduler_config=sched, modules=modules,
         default_size=(size, size), size_multiple=codec.factor,
-        extra={"tokenizer": tok, "codec": codec, "latent_factor": codec.factor},
+        extra={"tokenizer": tok, "codec": codec, "latent_factor": codec.factor, **extra},
     )
 
 

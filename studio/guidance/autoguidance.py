@@ -73,5 +73,7 @@ class AutoGuidance(Guidance):
             raise ValueError(f"autoguidance: the model {bundle.name or bundle.family!r} has no weak checkpoint "
                              f"(bundle.modules['{WEAK_MODULE}']); AutoGuidance (survey §5.2.5) guides with a weaker "
                              "version of the same model. Use a model that ships one (a ShapesWorld folder with "
-                             "unet_weak/) or set autoguidance_scale=0")
+                             "unet_weak/) or set autoguidance_scale=0"
+                             + (f". This model's weak checkpoint was not loaded: {bundle.extra['weak_unet_refused']}"
+                                if bundle.extra.get("weak_unet_refused") else ""))
         yield

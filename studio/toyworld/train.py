@@ -15,6 +15,11 @@ at random positions. Stage `flow` starts from the
 diffusion UNet's EMA weights and trains the rectified-flow objective
     L = E || v_theta(x_t, t, c) - (eps - x0) ||^2,  x_t = (1 - t) x0 + t eps,
 with t drawn from the same shifted grid that sampling uses; the text encoder stays frozen.
+Stage `weak` trains AutoGuidance's weak model (survey §5.2.5): a fresh UNet, for `weak_step` (1,500)
+steps of the text-unet objective against the shipped text encoder, frozen, so the weak and main
+models take the same conditioning (L843); its export writes `unet_weak/` with the SHA-256 of that
+text encoder, and re-exporting the text encoder makes it stale (the loader then refuses it):
+    python -m studio train shapesworld --stage weak --minutes 60 --export
 
 Scenes are rendered on the fly from (data_seed, step), so resuming is exact. The resumable state
 (weights, EMA, optimizer, step, log) lives in `runs/shapesworld/<stage>/` (ignored by git) as
@@ -68,7 +73,7 @@ class TrainConfig:
     checkpoint_minutes: float = 5.0
     eval_minutes: float = 15.0
     eval_n: int = 64
-    weak_step: int = 1500  # EMA snapshot kept as AutoGuidance's weak model
+    weak_step: int = 1500  # the weak stage's length: AutoGuidance's weak UNet is its EMA at this step
     threads: int = 0  # 0: torch default
     # Where it runs (not part of the recipe's result, only of its speed): "cpu" or "cuda"; with
     # `workers` > 0 scenes are rendered and tokenized in that many processes ahead of the step.
@@ -87,6 +92,35 @@ def asset_path(name: str) -> str:
 
 def run_path(stage: str) -> str:
     return _abs(os.path.join(RUN_DIR, stage))
+
+
+WEAK_DIR = "unet_weak"
+WEAK_META = "weak.json"
+
+
+def file_sha256(path: str) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def weak_unet_mismatch(model_dir: str) -> str | None:
+    """Why the weak UNet in `model_dir` cannot guide this model's UNet (None when it can): AutoGuidance
+    needs the weak model to take the same conditioning (survey §5.2.5, L843), so weak.json must name
+    the SHA-256 of this model's text encoder file."""
+    meta = os.path.join(model_dir, WEAK_DIR, WEAK_META)
+    if not os.path.exists(meta):
+        return f"{WEAK_DIR}/ has no {WEAK_META} naming the text encoder it was trained against"
+    with open(meta) as f:
+        want = json.load(f).get("text_encoder_sha256")
+    te = os.path.join(model_dir, "text_encoder", "model.safetensors")
+    if not os.path.exists(te) or want != file_sha256(te):
+        return f"{WEAK_DIR}/ was trained against another text encoder than this model's"
+    return None
 
 
 # ----------------------------------------------------------------------------- data
@@ -190,8 +224,18 @@ class Trainer:
             self.unet = UNet2DConditionModel.from_pretrained(os.path.join(base, "unet"), torch_dtype=torch.float32)
             self.scheduler = models.make_flow_scheduler()
             self.train_text = False
+        elif cfg.stage == "weak":
+            # AutoGuidance's weak model (survey §5.2.5, L843: the same conditioning as the main model): a
+            # fresh UNet, trained briefly against the shipped text encoder, frozen.
+            self.tokenizer = CLIPTokenizer.from_pretrained(os.path.join(base, "tokenizer"))
+            self.text_encoder = CLIPTextModel.from_pretrained(os.path.join(base, "text_encoder"), torch_dtype=torch.float32)
+            self.text_encoder_sha256 = file_sha256(os.path.join(base, "text_encoder", "model.safetensors"))
+            torch.manual_seed(cfg.data_seed)
+            self.unet = models.make_unet()
+            self.scheduler = models.make_diffusion_scheduler()
+            self.train_text = False
         else:
-            raise ValueError(f"unknown stage {cfg.stage!r} (text-unet | flow)")
+            raise ValueError(f"unknown stage {cfg.stage!r} (text-unet | flow | weak)")
         self.dev = torch.device(cfg.device)
         self.unet.to(self.dev)
         self.text_encoder.to(self.dev)
@@ -200,7 +244,7 @@ class Trainer:
         self.params = params
         self.opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01, fused=self.dev.type == "cuda" or None)
         self.ema = {k: v.detach().clone() for k, v in self._trainable_state().items()}
-        alphas = self.scheduler.alphas_cumprod if cfg.stage == "text-unet" else None
+        alphas = self.scheduler.alphas_cumprod if cfg.stage != "flow" else None
         self.alphas_cumprod = alphas
         self._features: list[torch.Tensor] = []
         if cfg.outlier_penalty > 0:
@@ -270,6 +314,9 @@ class Trainer:
         from diffusers import UNet2DConditionModel
         from transformers import CLIPTextModel
 
+        if self.cfg.stage == "weak":  # a shipped weak UNet may belong to an older text encoder: start afresh
+            self.log("no run state: the weak stage starts from scratch against the shipped text encoder")
+            return False
         name = "shapesworld" if self.cfg.stage == "text-unet" else "shapesworld-flow"
         base = asset_path(name)
         meta_path = os.path.join(base, "training.json")
@@ -310,7 +357,7 @@ class Trainer:
             noise = torch.randn(z0.shape, generator=torch.Generator(dev).manual_seed(int(torch.randint(1 << 62, (1,), generator=gen))), device=dev)
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=self.cfg.bf16):
             ctx = self.text_encoder(ids.to(dev))[0]
-        if self.cfg.stage == "text-unet":
+        if self.cfg.stage != "flow":  # text-unet, weak: v-prediction
             t = torch.randint(0, 1000, (b,), generator=gen)
             abar = self.alphas_cumprod[t].view(b, 1, 1, 1).to(dev)
             t = t.to(dev)
@@ -406,6 +453,9 @@ class Trainer:
                 break
             if steps is not None and self.step - run_start_step >= steps:
                 break
+            if cfg.stage == "weak" and self.step >= cfg.weak_step:
+                self.log(f"the weak stage ends at step {cfg.weak_step}")
+                break
             if stop.requested:
                 self.log(f"stop requested (signal {stop.requested})")
                 break
@@ -430,8 +480,6 @@ class Trainer:
                 window_start = time.time()
                 self.history.append({"step": self.step, "loss": mean, "minutes": self.elapsed / 60})
                 losses = []
-            if cfg.stage == "text-unet" and self.step == cfg.weak_step:
-                self.save_weak()
             if time.time() - last_eval >= cfg.eval_minutes * 60:
                 self.evaluate_and_log()
                 last_eval = time.time()
@@ -453,11 +501,6 @@ class Trainer:
                 mod.get_parameter(name).copy_(v)
         return unet, te
 
-    def save_weak(self) -> None:
-        unet, _ = self.ema_models()
-        unet.save_pretrained(os.path.join(self.dir, "unet_weak"))
-        self.log(f"weak checkpoint (EMA at step {self.step}) saved for AutoGuidance")
-
     def evaluate_and_log(self, n: int | None = None) -> dict | None:
         try:
             res = evaluate_models(self.cfg.stage, *self.ema_models(), self.tokenizer, n=n or self.cfg.eval_n)
@@ -469,8 +512,27 @@ class Trainer:
         self.log("adherence " + json.dumps(res))
         return res
 
+    def export_weak(self) -> str:
+        """Write the weak stage's EMA UNet to assets/models/shapesworld/unet_weak/ (float16 safetensors), with
+        weak.json naming the text encoder it was trained against (its file's SHA-256): the family loader
+        refuses a weak UNet whose text encoder is not the model's."""
+        out = os.path.join(asset_path("shapesworld"), WEAK_DIR)
+        unet, _ = (m.cpu() for m in self.ema_models())
+        tmp = out + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        unet.to(torch.float16).save_pretrained(tmp)
+        with open(os.path.join(tmp, WEAK_META), "w") as f:
+            json.dump({"step": self.step, "elapsed": self.elapsed, "text_encoder_sha256": self.text_encoder_sha256,
+                       "config": asdict(self.cfg), "history": self.history}, f, indent=1)
+        shutil.rmtree(out, ignore_errors=True)
+        os.replace(tmp, out)
+        self.log(f"exported the weak UNet (EMA at step {self.step}) to {out}")
+        return out
+
     def export(self, name: str | None = None) -> str:
         """Write the EMA weights in diffusers format (float16 safetensors) under assets/models/."""
+        if self.cfg.stage == "weak":
+            return self.export_weak()
         name = name or ("shapesworld" if self.cfg.stage == "text-unet" else "shapesworld-flow")
         out = asset_path(name)
         unet, te = (m.cpu() for m in self.ema_models())
@@ -486,13 +548,11 @@ class Trainer:
         self.tokenizer.save_pretrained(os.path.join(tmp, "tokenizer"))
         self.scheduler.save_pretrained(os.path.join(tmp, "scheduler"))
         self.codec.save_pretrained(os.path.join(tmp, "codec"))
-        weak = os.path.join(self.dir, "unet_weak")
-        if self.cfg.stage == "text-unet" and os.path.isdir(weak):
-            from diffusers import UNet2DConditionModel
-
-            UNet2DConditionModel.from_pretrained(weak).to(torch.float16).save_pretrained(os.path.join(tmp, "unet_weak"))
-        elif self.cfg.stage == "text-unet" and os.path.isdir(os.path.join(out, "unet_weak")):
-            shutil.copytree(os.path.join(out, "unet_weak"), os.path.join(tmp, "unet_weak"))
+        if self.cfg.stage == "text-unet" and os.path.isdir(os.path.join(out, WEAK_DIR)):
+            shutil.copytree(os.path.join(out, WEAK_DIR), os.path.join(tmp, WEAK_DIR))
+            if weak_unet_mismatch(tmp):
+                self.log("note: the shipped weak UNet (AutoGuidance) was trained against another text encoder and "
+                         "will not load with this one; re-run: python -m studio train shapesworld --stage weak --export")
         model_index = {
             "_class_name": "ShapesWorldPipeline",
             "family": "shapesworld-flow" if self.cfg.stage == "flow" else "shapesworld",
@@ -540,7 +600,7 @@ def sample_images(stage: str, unet, text_encoder, tokenizer, captions: list[str]
                   guidance_scale: float = 5.0, seed: int = 0) -> np.ndarray:
     """Reference sampler used while training (diffusers scheduler stepping, CFG); returns uint8 images."""
     codec = PixelUnshuffleCodec()
-    sched = models.make_diffusion_scheduler() if stage == "text-unet" else models.make_flow_scheduler()
+    sched = models.make_flow_scheduler() if stage == "flow" else models.make_diffusion_scheduler()
     sched.set_timesteps(steps)
     n = len(captions)
     cond = encode_text(tokenizer, text_encoder, captions)
