@@ -252,6 +252,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="shapesworld: cap of the spatially adaptive loss weight (1: off)")
     t.add_argument("--cell-weight-power", type=float, default=None,
                    help="shapesworld: power of the cell error ratio in the adaptive loss weight (default 1)")
+    t.add_argument("--freeze-text", action="store_true",
+                   help="shapesworld text-unet: keep the shipped text encoder frozen (UNet-only fine-tune)")
+    t.add_argument("--lr", type=float, default=None,
+                   help="shapesworld: peak learning rate (recipe 6e-4; cosine to a quarter of it by step 20,000)")
     t.set_defaults(func=_train)
 
     g = sub.add_parser("generate", help="text to image")

@@ -188,3 +188,41 @@ def test_weak_export_names_its_text_encoder_and_the_loader_refuses_a_stale_one(t
             raise AssertionError("AutoGuidance ran with a stale weak UNet")
     except ValueError as e:
         assert "--stage weak" in str(e) and "another text encoder" in str(e)
+
+
+def test_frozen_text_fine_tune_keeps_the_shipped_text_encoder_byte_for_byte(tmp_path, monkeypatch):
+    """`--freeze-text`: a UNet-only fine-tune from the shipped weights; its export writes the same text
+    encoder file, so the shipped weak UNet (AutoGuidance) still loads; a later run that trains the text
+    encoder again resumes from such a state with the shipped encoder."""
+    import shutil
+
+    from studio.families.shapesworld import load_shapesworld
+
+    assets = tmp_path / "assets"
+    model = assets / "shapesworld"
+    shutil.copytree(T.asset_path("shapesworld"), model)
+    te_file = model / "text_encoder" / "model.safetensors"
+    before = T.file_sha256(str(te_file))
+    monkeypatch.setattr(T, "ASSET_DIR", str(assets))
+    monkeypatch.setattr(T, "RUN_DIR", str(tmp_path / "runs"))
+    tr = T.Trainer(_cfg(stage="text-unet", freeze_text=True), log=_quiet)
+    tr.load()  # no run state: the shipped weights
+    assert not any(p.requires_grad for p in tr.text_encoder.parameters())
+    assert all(k.startswith("unet.") for k in tr._trainable_state())
+    unet0 = tr.unet.conv_out.weight.detach().clone()
+    tr.train(steps=2)
+    assert not torch.equal(unet0, tr.unet.conv_out.weight)
+    tr.export()
+    assert T.file_sha256(str(te_file)) == before
+    weak_ok = T.weak_unet_mismatch(str(model)) is None
+    assert weak_ok == (T.weak_unet_mismatch(T.asset_path("shapesworld")) is None)
+    if weak_ok:
+        assert "unet_weak" in load_shapesworld(str(model)).modules
+
+    # resuming that state with the text encoder trainable: it starts from the shipped encoder
+    again = T.Trainer(_cfg(stage="text-unet"), log=_quiet)
+    assert again.load() is True and again.step == tr.step
+    shipped = load_shapesworld(T.asset_path("shapesworld")).modules["text_encoder"]
+    for (n, p), q in zip(again.text_encoder.named_parameters(), shipped.parameters()):
+        assert torch.equal(p, q.float()), n
+    torch.testing.assert_close(again.unet.conv_out.weight, tr.unet.conv_out.weight)

@@ -73,6 +73,9 @@ class TrainConfig:
     checkpoint_minutes: float = 5.0
     eval_minutes: float = 15.0
     eval_n: int = 64
+    # text-unet: keep the shipped text encoder frozen (a UNet-only fine-tune; AutoGuidance's weak UNet, trained
+    # against that encoder, stays valid)
+    freeze_text: bool = False
     weak_step: int = 1500  # the weak stage's length: AutoGuidance's weak UNet is its EMA at this step
     threads: int = 0  # 0: torch default
     # Where it runs (not part of the recipe's result, only of its speed): "cpu" or "cuda"; with
@@ -217,7 +220,10 @@ class Trainer:
             self.text_encoder = CLIPTextModel(text_encoder_config(len(self.tokenizer), models.TEXT_HIDDEN))
             self.unet = models.make_unet()
             self.scheduler = models.make_diffusion_scheduler()
-            self.train_text = True
+            self.train_text = not cfg.freeze_text
+            if cfg.freeze_text:  # fine-tune the UNet alone: the shipped text encoder (and so weak/ and flow twins) stay valid
+                self.text_encoder.load_state_dict(CLIPTextModel.from_pretrained(
+                    os.path.join(base, "text_encoder"), torch_dtype=torch.float32).state_dict())
         elif cfg.stage == "flow":
             self.tokenizer = CLIPTokenizer.from_pretrained(os.path.join(base, "tokenizer"))
             self.text_encoder = CLIPTextModel.from_pretrained(os.path.join(base, "text_encoder"), torch_dtype=torch.float32)
@@ -292,6 +298,14 @@ class Trainer:
         with open(os.path.join(self.dir, "state.json")) as f:
             meta = json.load(f)
         state = self._trainable_state()
+        if self.train_text and not any(k.startswith("model.text.") for k in tensors):
+            # a state saved by a UNet-only (frozen text) run: its text encoder is the shipped one
+            from transformers import CLIPTextModel
+
+            te = CLIPTextModel.from_pretrained(os.path.join(asset_path("shapesworld"), "text_encoder"), torch_dtype=torch.float32)
+            for k, v in te.state_dict().items():
+                tensors[f"model.text.{k}"] = tensors[f"ema.text.{k}"] = v
+            self.log("the run state has no text encoder (a frozen-text run): starting it from the shipped one")
         with torch.no_grad():
             for n, p in state.items():
                 p.copy_(tensors[f"model.{n}"])
@@ -632,7 +646,8 @@ def evaluate_models(stage: str, unet, text_encoder, tokenizer, *, n: int = 64, s
 
 def main(args) -> int:
     cfg = TrainConfig(stage=args.stage)
-    for key in ("threads", "batch_size", "device", "workers", "bf16", "outlier_penalty", "cell_weight_max", "cell_weight_power"):
+    for key in ("threads", "batch_size", "device", "workers", "bf16", "outlier_penalty", "cell_weight_max", "cell_weight_power",
+                "freeze_text", "lr"):
         if getattr(args, key, None):
             setattr(cfg, key, getattr(args, key))
     tr = Trainer(cfg)
