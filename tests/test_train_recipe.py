@@ -226,3 +226,15 @@ def test_frozen_text_fine_tune_keeps_the_shipped_text_encoder_byte_for_byte(tmp_
     for (n, p), q in zip(again.text_encoder.named_parameters(), shipped.parameters()):
         assert torch.equal(p, q.float()), n
     torch.testing.assert_close(again.unet.conv_out.weight, tr.unet.conv_out.weight)
+
+
+def test_exported_history_keeps_every_check_and_thins_the_losses():
+    hist = [{"step": i, "loss": 1.0 / (i + 1), "minutes": i / 10} for i in range(1000)]
+    hist.insert(500, {"step": 500, "eval": {"all_correct": 0.5}, "minutes": 50})
+    hist.insert(0, {"step": 0, "minutes": 0, "note": "from scratch"})
+    out = T.compact_history(hist, max_loss_points=100)
+    assert [h for h in out if "loss" not in h] == [hist[0], hist[501]]  # every check and note, in order
+    losses = [h for h in out if "loss" in h]
+    assert 90 <= len(losses) <= 101 and losses[0]["step"] == 0 and losses[-1]["step"] == 999
+    assert [h["step"] for h in out] == sorted(h["step"] for h in out)
+    assert T.compact_history(hist[:5]) == hist[:5]

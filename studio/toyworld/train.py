@@ -126,6 +126,15 @@ def weak_unet_mismatch(model_dir: str) -> str | None:
     return None
 
 
+def compact_history(history: list[dict], max_loss_points: int = 200) -> list[dict]:
+    """The log an export ships: every adherence check and note, and at most `max_loss_points` evenly spaced
+    loss entries (the run state keeps them all), so training.json does not grow with every export."""
+    losses = [i for i, h in enumerate(history) if set(h) <= {"step", "loss", "minutes"}]
+    stride = max(1, -(-len(losses) // max_loss_points))
+    keep = set(losses[::stride]) | ({losses[-1]} if losses else set())
+    return [h for i, h in enumerate(history) if i in keep or i not in set(losses)]
+
+
 # ----------------------------------------------------------------------------- data
 
 def batch_for_step(step: int, cfg: TrainConfig) -> tuple[torch.Tensor, list[str]]:
@@ -537,7 +546,7 @@ class Trainer:
         unet.to(torch.float16).save_pretrained(tmp)
         with open(os.path.join(tmp, WEAK_META), "w") as f:
             json.dump({"step": self.step, "elapsed": self.elapsed, "text_encoder_sha256": self.text_encoder_sha256,
-                       "config": asdict(self.cfg), "history": self.history}, f, indent=1)
+                       "config": asdict(self.cfg), "history": compact_history(self.history)}, f, indent=1)
         shutil.rmtree(out, ignore_errors=True)
         os.replace(tmp, out)
         self.log(f"exported the weak UNet (EMA at step {self.step}) to {out}")
@@ -579,7 +588,8 @@ class Trainer:
         with open(os.path.join(tmp, "model_index.json"), "w") as f:
             json.dump(model_index, f, indent=2)
         with open(os.path.join(tmp, "training.json"), "w") as f:
-            json.dump({"step": self.step, "elapsed": self.elapsed, "config": asdict(self.cfg), "history": self.history}, f, indent=1)
+            json.dump({"step": self.step, "elapsed": self.elapsed, "config": asdict(self.cfg),
+                       "history": compact_history(self.history)}, f, indent=1)
         shutil.rmtree(out, ignore_errors=True)
         os.replace(tmp, out)
         self.log(f"exported EMA weights at step {self.step} to {out}")
