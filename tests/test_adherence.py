@@ -116,3 +116,15 @@ def test_eval_guidance_json_rows():
     p = subprocess.run([sys.executable, "-m", "studio", "eval", "guidance", "--methods", "nope"], cwd=root,
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 2 and "unknown method" in p.stderr
+
+
+def test_autoguidance_on_the_shipped_model_follows_the_prompt_like_cfg(shipped_bundle):
+    """AutoGuidance (survey §5.2.5) with the shipped weak UNet must stay a usable guidance: its weak model
+    takes the same conditioning (L843). A weak UNet trained against another text encoder scored 0.000 here
+    while CFG scored 0.9; this would catch that."""
+    assert "unet_weak" in shipped_bundle.modules, shipped_bundle.extra.get("weak_unet_refused")
+    n = 24
+    cfg = adherence.adherence(shipped_bundle, guidance="cfg", scale=5.0, n=n, seed=3)
+    ag = adherence.adherence(shipped_bundle, guidance="autoguidance", scale=1.0, n=n, seed=3)
+    assert ag["nfe_per_image"] == 40  # cond every step + weak over the first 60% (15 of 25): the weak model ran
+    assert ag["all_correct"] >= 0.6 and ag["all_correct"] >= cfg["all_correct"] - 0.2, (ag, cfg)

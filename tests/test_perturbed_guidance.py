@@ -123,6 +123,12 @@ def test_windows_and_branches():
     assert ag.branches(vp_step()) == ("cond",)
     assert [e.module for e in ag.extra_forwards({}, vp_step(), None)] == ["unet_weak"]
     assert get_guidance("autoguidance", autoguidance_scale=0.0).extra_forwards({}, vp_step(), None) == ()
+    late = vp_step(index=7)  # fraction 0.7: past the weak window's default stop (0.6); CFG's window unaffected
+    assert get_guidance("autoguidance").extra_forwards({}, late, None) == ()
+    assert get_guidance("autoguidance", guidance_scale=3.0).branches(late) == ("uncond", "cond")
+    assert len(get_guidance("autoguidance", weak_stop=1.0).extra_forwards({}, late, None)) == 1
+    with pytest.raises(ValueError, match="weak_start"):
+        get_guidance("autoguidance", weak_start=0.7, weak_stop=0.5)
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "flow"])
@@ -371,13 +377,18 @@ def test_autoguidance_uses_the_weak_model(bundle):
         bundle.modules["unet_weak"] = tiny.unet(seed=7)  # a different network of the same architecture
         zero = generate(bundle, GenerateRequest(**req, guidance="autoguidance", guidance_params={"autoguidance_scale": 0.0}))
         assert torch.equal(zero.latents, plain.latents) and zero.nfe == 3
-        ag = generate(bundle, GenerateRequest(**req, guidance="autoguidance"))
+        every = {"weak_stop": 1.0}
+        ag = generate(bundle, GenerateRequest(**req, guidance="autoguidance", guidance_params=every))
         assert ag.nfe == 6 and not torch.allclose(ag.latents, plain.latents, atol=1e-4)
+        # the default window [0, 0.6): the weak model runs at steps 0 and 1 of 3 (fractions 0, 1/3), not at 2/3
+        windowed = generate(bundle, GenerateRequest(**req, guidance="autoguidance"))
+        assert windowed.nfe == 5 and not torch.equal(windowed.latents, ag.latents)
         assert bundle.modules["unet"] is main
-        with_cfg = generate(bundle, GenerateRequest(**{**req, "guidance_scale": 3.0}, guidance="autoguidance"))
+        with_cfg = generate(bundle, GenerateRequest(**{**req, "guidance_scale": 3.0}, guidance="autoguidance",
+                                                    guidance_params=every))
         assert with_cfg.nfe == 9
         bundle.modules["unet_weak"] = copy.deepcopy(main)  # weak = main: the correction vanishes
-        same = generate(bundle, GenerateRequest(**req, guidance="autoguidance"))
+        same = generate(bundle, GenerateRequest(**req, guidance="autoguidance", guidance_params=every))
         # batched with the main row, the weak row may round differently on some CPUs (CI failed this at 1e-6): to 1e-4
         torch.testing.assert_close(same.latents, plain.latents, rtol=0, atol=1e-4)
     finally:

@@ -26,7 +26,8 @@ class ShapesWorldBundle(SDBundle):
         return self.extra["codec"].encode(images)
 
     def weak_unet(self):
-        """The early checkpoint kept as AutoGuidance's weak model (survey §5.2.5), if shipped."""
+        """AutoGuidance's weak model (survey §5.2.5): the same UNet trained briefly against this model's text
+        encoder, if shipped and trained against that encoder (else None; extra["weak_unet_refused"] says why)."""
         return self.modules.get("unet_weak")
 
 
