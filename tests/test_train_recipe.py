@@ -236,3 +236,29 @@ def test_exported_history_keeps_every_check_and_thins_the_losses():
     assert 90 <= len(losses) <= 101 and losses[0]["step"] == 0 and losses[-1]["step"] == 999
     assert [h["step"] for h in out] == sorted(h["step"] for h in out)
     assert T.compact_history(hist[:5]) == hist[:5]
+
+
+def test_resuming_from_shipped_weights_warms_the_fresh_optimizer_up_again(tmp_path, monkeypatch):
+    """Without a run state, --resume starts from the shipped weights with a fresh optimizer: its learning rate
+    ramps up again from that step (a fresh Adam at the full rate would jolt converged weights), and a state
+    saved later resumes with the same schedule."""
+    import math
+
+    monkeypatch.setattr(T, "RUN_DIR", str(tmp_path))
+    tr = T.Trainer(_cfg(stage="flow", warmup_steps=250), log=_quiet)
+    assert tr.load() is False and tr.step > 0
+    s0, lr = tr.step, tr.cfg.lr
+
+    def want(step, start):
+        cos = 0.25 + 0.75 * 0.5 * (1 + math.cos(math.pi * min(step, 20000) / 20000))
+        return lr * min(1.0, (step - start + 1) / 250) * cos
+
+    for k in (0, 1, 124, 249, 400):
+        assert math.isclose(tr.lr_at(s0 + k), want(s0 + k, s0), rel_tol=1e-12), k
+    assert tr.lr_at(s0) < tr.lr_at(s0 + 249) / 100
+    tr.train(steps=1)
+    again = T.Trainer(_cfg(stage="flow", warmup_steps=250), log=_quiet)
+    assert again.load() is True and again.opt_start == s0
+    assert again.lr_at(s0 + 1) == tr.lr_at(s0 + 1)
+    fresh = T.Trainer(_cfg(stage="flow", warmup_steps=250), log=_quiet)  # never loaded: the warm-up was at step 0
+    assert math.isclose(fresh.lr_at(s0), want(s0, 0), rel_tol=1e-12) and fresh.lr_at(s0) > 100 * tr.lr_at(s0)

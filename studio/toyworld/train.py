@@ -23,7 +23,8 @@ text encoder, and re-exporting the text encoder makes it stale (the loader then 
 
 Scenes are rendered on the fly from (data_seed, step), so resuming is exact. The resumable state
 (weights, EMA, optimizer, step, log) lives in `runs/shapesworld/<stage>/` (ignored by git) as
-safetensors + JSON; without it, `--resume` starts from the shipped weights with a fresh optimizer.
+safetensors + JSON; without it, `--resume` starts from the shipped weights with a fresh optimizer,
+whose learning rate warms up again over `warmup_steps`.
 """
 
 from __future__ import annotations
@@ -220,6 +221,7 @@ class Trainer:
         self.step = 0
         self.elapsed = 0.0
         self.history: list[dict] = []
+        self.opt_start = 0  # the step where the optimizer started fresh: the warm-up counts from there
         base = asset_path("shapesworld")
         if cfg.stage == "text-unet":
             from .text import build_tokenizer, text_encoder_config
@@ -288,7 +290,8 @@ class Trainer:
                 tensors[f"opt.{n}.{key}"] = torch.as_tensor(val).detach().cpu().clone().contiguous()
         if getattr(self, "_cell_ema", None) is not None:  # the adaptive cell weights' running error: exact resume
             tensors["aux.cell_ema"] = self._cell_ema.detach().cpu().clone().contiguous()
-        meta = {"step": self.step, "elapsed": self.elapsed, "config": asdict(self.cfg), "history": self.history, "names": names}
+        meta = {"step": self.step, "elapsed": self.elapsed, "config": asdict(self.cfg), "history": self.history, "names": names,
+                "opt_start": self.opt_start}
         tmp = os.path.join(self.dir, "state.tmp.safetensors")
         save_file(tensors, tmp)
         with open(os.path.join(self.dir, "state.tmp.json"), "w") as f:
@@ -330,6 +333,7 @@ class Trainer:
         if "aux.cell_ema" in tensors:
             self._cell_ema = tensors["aux.cell_ema"].to(self.dev)
         self.step, self.elapsed, self.history = meta["step"], meta["elapsed"], meta.get("history", [])
+        self.opt_start = meta.get("opt_start", 0)
         self.log(f"resumed {self.cfg.stage} at step {self.step} ({self.elapsed / 60:.1f} min trained)")
         return True
 
@@ -357,14 +361,16 @@ class Trainer:
             with open(meta_path) as f:
                 m = json.load(f)
             self.step, self.elapsed, self.history = m.get("step", 0), m.get("elapsed", 0.0), m.get("history", [])
+        self.opt_start = self.step  # a fresh optimizer: warm up again rather than jolt converged weights
         self.log(f"no run state: resuming {name} from the shipped weights at step {self.step} with a fresh optimizer")
         return False
 
     # ------------------------------------------------------------------ training
     def lr_at(self, step: int) -> float:
-        """Linear warm-up, then a cosine decay to a quarter of the peak over `decay_steps` (a function of the
-        step only, so resuming is exact)."""
-        warm = min(1.0, (step + 1) / self.cfg.warmup_steps)
+        """Linear warm-up over `warmup_steps` from the step where the optimizer started fresh (0, or the
+        shipped weights' step when a run resumes from them), then a cosine decay to a quarter of the peak
+        over `decay_steps` (a function of the step and the saved start, so resuming is exact)."""
+        warm = min(1.0, (step - self.opt_start + 1) / self.cfg.warmup_steps)
         frac = min(step, self.cfg.decay_steps) / self.cfg.decay_steps
         return self.cfg.lr * warm * (0.25 + 0.75 * 0.5 * (1 + math.cos(math.pi * frac)))
 
