@@ -40,7 +40,7 @@ import contextlib
 from dataclasses import dataclass
 
 from ..denoiser import Prediction
-from .base import ExtraForward, Guidance, StepInfo, check_range, register
+from .base import ExtraForward, Guidance, StepInfo, check_range, check_window, in_window, register
 from .contrast import cfg_part, with_contrast
 
 WEAK_MODULE = "unet_weak"
@@ -63,15 +63,13 @@ class AutoGuidance(Guidance):
     def validate(self) -> None:
         super().validate()
         check_range(self.name, "autoguidance_scale", self.autoguidance_scale, 0.0, 30.0)
-        if not (0.0 <= self.weak_start <= self.weak_stop <= 1.0):
-            raise ValueError(f"{self.name}: weak_start={self.weak_start}, weak_stop={self.weak_stop} must satisfy "
-                             "0 <= weak_start <= weak_stop <= 1")
+        check_window(self.name, "weak_start", self.weak_start, "weak_stop", self.weak_stop)
 
     def branches(self, step: StepInfo) -> tuple[str, ...]:
         return ("uncond", "cond") if self.active(step) and self.guidance_scale != 1.0 else ("cond",)
 
     def extra_forwards(self, preds, step: StepInfo, x) -> tuple[ExtraForward, ...]:
-        if not self.active(step) or self.autoguidance_scale == 0.0 or not self.weak_start <= step.fraction < self.weak_stop:
+        if not self.active(step) or self.autoguidance_scale == 0.0 or not in_window(step, self.weak_start, self.weak_stop):
             return ()
         return (ExtraForward("cond_weak", "cond", module=WEAK_MODULE),)
 

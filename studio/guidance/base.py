@@ -111,6 +111,17 @@ def check_range(method: str, param: str, value, lo: float, hi: float, *, open_lo
         raise ValueError(f"{method}: {param}={value!r} is outside {bracket}{lo}, {hi}]")
 
 
+def check_window(method: str, start_name: str, start: float, stop_name: str, stop: float) -> None:
+    """Raise ValueError unless 0 <= start <= stop <= 1 (a window over the run, as fractions of the steps)."""
+    if not (0.0 <= start <= stop <= 1.0):
+        raise ValueError(f"{method}: {start_name}={start}, {stop_name}={stop} must satisfy "
+                         f"0 <= {start_name} <= {stop_name} <= 1")
+
+
+def in_window(step: StepInfo, start: float, stop: float) -> bool:
+    return start <= step.fraction < stop
+
+
 @dataclass
 class Guidance:
     """Base class; subclasses are dataclasses whose fields are the method's parameters."""
@@ -126,11 +137,10 @@ class Guidance:
 
     def validate(self) -> None:
         check_range(self.name, "guidance_scale", self.guidance_scale, *self.scale_range)
-        if not (0.0 <= self.start <= self.stop <= 1.0):
-            raise ValueError(f"{self.name}: window start={self.start}, stop={self.stop} must satisfy 0 <= start <= stop <= 1")
+        check_window(self.name, "start", self.start, "stop", self.stop)
 
     def active(self, step: StepInfo) -> bool:
-        return self.start <= step.fraction < self.stop
+        return in_window(step, self.start, self.stop)
 
     def reset(self) -> None:
         """Forget per-run state (momentum buffers, switches); called before every run."""

@@ -41,7 +41,7 @@ from dataclasses import dataclass
 
 from ..attention.base import RowSelection, attention_network, installed, latent_size, rows_of, self_attention_layers
 from ..denoiser import Prediction
-from .base import Guidance, StepInfo, check_range, is_perturbed, register
+from .base import Guidance, StepInfo, check_range, check_window, in_window, is_perturbed, register
 from .contrast import cfg_part, with_contrast
 
 
@@ -66,14 +66,12 @@ class PAG(Guidance):
     def validate(self) -> None:
         super().validate()
         check_range(self.name, "pag_scale", self.pag_scale, 0.0, 30.0)
-        if not (0.0 <= self.pag_start <= self.pag_stop <= 1.0):
-            raise ValueError(f"{self.name}: pag_start={self.pag_start}, pag_stop={self.pag_stop} must satisfy "
-                             "0 <= pag_start <= pag_stop <= 1")
+        check_window(self.name, "pag_start", self.pag_start, "pag_stop", self.pag_stop)
         if not isinstance(self.layers, str) or not [p for p in self.layers.split(",") if p.strip()]:
             raise ValueError(f"{self.name}: layers={self.layers!r} must name at least one layer pattern")
 
     def perturbing(self, step: StepInfo) -> bool:
-        return self.pag_scale != 0.0 and self.pag_start <= step.fraction < self.pag_stop
+        return self.pag_scale != 0.0 and in_window(step, self.pag_start, self.pag_stop)
 
     def branches(self, step: StepInfo) -> tuple[str, ...]:
         if not self.active(step):
