@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from ..toyworld.codec import PixelUnshuffleCodec
-from ..toyworld.train import WEAK_DIR, weak_unet_mismatch
+from ..toyworld.weak import WEAK_DIR, weak_unet_mismatch
 from .base import register_family
 from .sd import SDBundle, read_scheduler_config, prediction_type_of
 

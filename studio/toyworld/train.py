@@ -43,6 +43,7 @@ import torch.nn.functional as F
 
 from . import models
 from .codec import PixelUnshuffleCodec
+from .weak import WEAK_DIR, WEAK_META, file_sha256, weak_unet_mismatch
 from .world import render, sample_scenes, sample_scene, caption
 
 ASSET_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "assets", "models")
@@ -98,33 +99,12 @@ def run_path(stage: str) -> str:
     return _abs(os.path.join(RUN_DIR, stage))
 
 
-WEAK_DIR = "unet_weak"
-WEAK_META = "weak.json"
+def shipped_text_encoder():
+    """The shipped diffusion model's text encoder in float32: the conditioning the flow twin, the weak UNet
+    and a --freeze-text fine-tune train against."""
+    from transformers import CLIPTextModel
 
-
-def file_sha256(path: str) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def weak_unet_mismatch(model_dir: str) -> str | None:
-    """Why the weak UNet in `model_dir` cannot guide this model's UNet (None when it can): AutoGuidance
-    needs the weak model to take the same conditioning (survey §5.2.5, L843), so weak.json must name
-    the SHA-256 of this model's text encoder file."""
-    meta = os.path.join(model_dir, WEAK_DIR, WEAK_META)
-    if not os.path.exists(meta):
-        return f"{WEAK_DIR}/ has no {WEAK_META} naming the text encoder it was trained against"
-    with open(meta) as f:
-        want = json.load(f).get("text_encoder_sha256")
-    te = os.path.join(model_dir, "text_encoder", "model.safetensors")
-    if not os.path.exists(te) or want != file_sha256(te):
-        return f"{WEAK_DIR}/ was trained against another text encoder than this model's"
-    return None
+    return CLIPTextModel.from_pretrained(os.path.join(asset_path("shapesworld"), "text_encoder"), torch_dtype=torch.float32)
 
 
 def compact_history(history: list[dict], max_loss_points: int = 200) -> list[dict]:
@@ -233,11 +213,10 @@ class Trainer:
             self.scheduler = models.make_diffusion_scheduler()
             self.train_text = not cfg.freeze_text
             if cfg.freeze_text:  # fine-tune the UNet alone: the shipped text encoder (and so weak/ and flow twins) stay valid
-                self.text_encoder.load_state_dict(CLIPTextModel.from_pretrained(
-                    os.path.join(base, "text_encoder"), torch_dtype=torch.float32).state_dict())
+                self.text_encoder.load_state_dict(shipped_text_encoder().state_dict())
         elif cfg.stage == "flow":
             self.tokenizer = CLIPTokenizer.from_pretrained(os.path.join(base, "tokenizer"))
-            self.text_encoder = CLIPTextModel.from_pretrained(os.path.join(base, "text_encoder"), torch_dtype=torch.float32)
+            self.text_encoder = shipped_text_encoder()
             self.unet = UNet2DConditionModel.from_pretrained(os.path.join(base, "unet"), torch_dtype=torch.float32)
             self.scheduler = models.make_flow_scheduler()
             self.train_text = False
@@ -245,7 +224,7 @@ class Trainer:
             # AutoGuidance's weak model (survey §5.2.5, L843: the same conditioning as the main model): a
             # fresh UNet, trained briefly against the shipped text encoder, frozen.
             self.tokenizer = CLIPTokenizer.from_pretrained(os.path.join(base, "tokenizer"))
-            self.text_encoder = CLIPTextModel.from_pretrained(os.path.join(base, "text_encoder"), torch_dtype=torch.float32)
+            self.text_encoder = shipped_text_encoder()
             self.text_encoder_sha256 = file_sha256(os.path.join(base, "text_encoder", "model.safetensors"))
             torch.manual_seed(cfg.data_seed)
             self.unet = models.make_unet()
@@ -312,10 +291,7 @@ class Trainer:
         state = self._trainable_state()
         if self.train_text and not any(k.startswith("model.text.") for k in tensors):
             # a state saved by a UNet-only (frozen text) run: its text encoder is the shipped one
-            from transformers import CLIPTextModel
-
-            te = CLIPTextModel.from_pretrained(os.path.join(asset_path("shapesworld"), "text_encoder"), torch_dtype=torch.float32)
-            for k, v in te.state_dict().items():
+            for k, v in shipped_text_encoder().state_dict().items():
                 tensors[f"model.text.{k}"] = tensors[f"ema.text.{k}"] = v
             self.log("the run state has no text encoder (a frozen-text run): starting it from the shipped one")
         with torch.no_grad():
