@@ -256,6 +256,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="shapesworld text-unet: keep the shipped text encoder frozen (UNet-only fine-tune)")
     t.add_argument("--lr", type=float, default=None,
                    help="shapesworld: peak learning rate (recipe 6e-4; cosine to a quarter of it by step 20,000)")
+    t.add_argument("--min-snr-gamma", type=float, default=None,
+                   help="shapesworld text-unet/weak: cap of the x0-error weight clamp(SNR, 1, gamma) (recipe 5; "
+                        "a large value keeps the low-noise steps' full weight, the plain v-loss)")
     t.set_defaults(func=_train)
 
     g = sub.add_parser("generate", help="text to image")

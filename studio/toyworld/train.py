@@ -639,7 +639,7 @@ def evaluate_models(stage: str, unet, text_encoder, tokenizer, *, n: int = 64, s
 def main(args) -> int:
     cfg = TrainConfig(stage=args.stage)
     for key in ("threads", "batch_size", "device", "workers", "bf16", "outlier_penalty", "cell_weight_max", "cell_weight_power",
-                "freeze_text", "lr"):
+                "freeze_text", "lr", "min_snr_gamma"):
         if getattr(args, key, None):
             setattr(cfg, key, getattr(args, key))
     tr = Trainer(cfg)
