@@ -233,8 +233,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train a shipped model by its recipe")
     t.add_argument("model", help="shapesworld | classifier (the noise-aware classifier of classifier guidance)")
-    t.add_argument("--stage", default="text-unet", choices=["text-unet", "flow", "weak"],
-                   help="shapesworld only; weak: AutoGuidance's weak UNet, trained against the shipped text encoder")
+    t.add_argument("--stage", default="text-unet", choices=["text-unet", "flow", "weak", "from-flow"],
+                   help="shapesworld only; weak: AutoGuidance's weak UNet, trained against the shipped text encoder; "
+                        "from-flow: the diffusion UNet re-derived from the flow twin (its weights and predictions)")
     t.add_argument("--minutes", type=float, default=None)
     t.add_argument("--steps", type=int, default=None)
     t.add_argument("--resume", action="store_true")

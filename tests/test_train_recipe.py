@@ -67,6 +67,38 @@ def test_flow_loss_is_the_rectified_flow_objective(tmp_path, monkeypatch):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
 
 
+def test_from_flow_targets_are_the_flow_twins_velocity_carried_into_v(tmp_path, monkeypatch):
+    """The from-flow stage's target: with a teacher that predicts the true velocity eps - x0 of the
+    rectified-flow state, the converted target is exactly v = sqrt(abar) eps - sqrt(1 - abar) x0 at every
+    noise level (a wrong tau or scale fails this); its loss is the v-loss against that target, and the
+    stage starts from the flow twin's weights with the text encoder frozen."""
+    monkeypatch.setattr(T, "RUN_DIR", str(tmp_path))
+    tr = T.Trainer(_cfg(stage="from-flow", min_snr_gamma=1e4), log=_quiet)
+    assert tr.load() is False and tr.step == 0
+    assert all(k.startswith("unet.") for k in tr._trainable_state())
+    torch.testing.assert_close(tr.unet.conv_out.weight, tr.teacher.conv_out.weight)
+    assert not any(p.requires_grad for p in tr.teacher.parameters())
+
+    g = torch.Generator().manual_seed(0)
+    z0 = torch.randn(4, 48, 16, 16, generator=g)
+    eps = torch.randn(4, 48, 16, 16, generator=g)
+    abar = tr.alphas_cumprod[torch.tensor([0, 300, 700, 999])].view(4, 1, 1, 1)
+    zt = abar.sqrt() * z0 + (1 - abar).sqrt() * eps
+    seen = {}
+
+    class Oracle(torch.nn.Module):
+        def forward(self, y, t, ctx):
+            tau = (t / 1000).view(-1, 1, 1, 1)
+            seen["y"] = y
+            torch.testing.assert_close(y, (1 - tau) * z0 + tau * eps)  # the flow state at the flow time
+            return type("Out", (), {"sample": eps - z0})()
+
+    monkeypatch.setattr(tr, "teacher", Oracle())
+    got = tr.flow_teacher_v(zt, abar, torch.zeros(4, 8, 64))
+    torch.testing.assert_close(got, abar.sqrt() * eps - (1 - abar).sqrt() * z0, rtol=1e-4, atol=1e-5)
+    assert "y" in seen
+
+
 def test_cell_weights_follow_the_running_error_and_are_clamped(tmp_path, monkeypatch):
     monkeypatch.setattr(T, "RUN_DIR", str(tmp_path))
     tr = T.Trainer(_cfg(stage="text-unet", cell_weight_max=4.0), log=_quiet)

@@ -220,6 +220,19 @@ class Trainer:
             self.unet = UNet2DConditionModel.from_pretrained(os.path.join(base, "unet"), torch_dtype=torch.float32)
             self.scheduler = models.make_flow_scheduler()
             self.train_text = False
+        elif cfg.stage == "from-flow":
+            # The diffusion UNet re-derived from the flow twin: its weights to start from, and its predictions,
+            # carried into the v-parametrization, as the targets (the text encoder, shared by both, stays frozen).
+            self.tokenizer = CLIPTokenizer.from_pretrained(os.path.join(base, "tokenizer"))
+            self.text_encoder = shipped_text_encoder()
+            flow_dir = os.path.join(asset_path("shapesworld-flow"), "unet")
+            if not os.path.isdir(flow_dir):
+                raise FileNotFoundError(f"the from-flow stage needs the shipped flow twin in {flow_dir} "
+                                        "(python -m studio train shapesworld --stage flow --export)")
+            self.unet = UNet2DConditionModel.from_pretrained(flow_dir, torch_dtype=torch.float32)
+            self.teacher = UNet2DConditionModel.from_pretrained(flow_dir, torch_dtype=torch.float32).eval().requires_grad_(False)
+            self.scheduler = models.make_diffusion_scheduler()
+            self.train_text = False
         elif cfg.stage == "weak":
             # AutoGuidance's weak model (survey §5.2.5, L843: the same conditioning as the main model): a
             # fresh UNet, trained briefly against the shipped text encoder, frozen.
@@ -231,10 +244,12 @@ class Trainer:
             self.scheduler = models.make_diffusion_scheduler()
             self.train_text = False
         else:
-            raise ValueError(f"unknown stage {cfg.stage!r} (text-unet | flow | weak)")
+            raise ValueError(f"unknown stage {cfg.stage!r} (text-unet | flow | weak | from-flow)")
         self.dev = torch.device(cfg.device)
         self.unet.to(self.dev)
         self.text_encoder.to(self.dev)
+        if getattr(self, "teacher", None) is not None:
+            self.teacher.to(self.dev)
         self.text_encoder.requires_grad_(self.train_text)
         params = list(self.unet.parameters()) + (list(self.text_encoder.parameters()) if self.train_text else [])
         self.params = params
@@ -320,6 +335,9 @@ class Trainer:
         if self.cfg.stage == "weak":  # a shipped weak UNet may belong to an older text encoder: start afresh
             self.log("no run state: the weak stage starts from scratch against the shipped text encoder")
             return False
+        if self.cfg.stage == "from-flow":  # step 0: the EMA and learning rate warm up from the flow twin's weights
+            self.log("no run state: the from-flow stage starts from the shipped flow twin's weights")
+            return False
         name = "shapesworld" if self.cfg.stage == "text-unet" else "shapesworld-flow"
         base = asset_path(name)
         meta_path = os.path.join(base, "training.json")
@@ -362,12 +380,15 @@ class Trainer:
             noise = torch.randn(z0.shape, generator=torch.Generator(dev).manual_seed(int(torch.randint(1 << 62, (1,), generator=gen))), device=dev)
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=self.cfg.bf16):
             ctx = self.text_encoder(ids.to(dev))[0]
-        if self.cfg.stage != "flow":  # text-unet, weak: v-prediction
+        if self.cfg.stage != "flow":  # text-unet, weak, from-flow: v-prediction
             t = torch.randint(0, 1000, (b,), generator=gen)
             abar = self.alphas_cumprod[t].view(b, 1, 1, 1).to(dev)
             t = t.to(dev)
             zt = abar.sqrt() * z0 + (1 - abar).sqrt() * noise
-            target = abar.sqrt() * noise - (1 - abar).sqrt() * z0
+            if self.cfg.stage == "from-flow":
+                target = self.flow_teacher_v(zt, abar, ctx)
+            else:
+                target = abar.sqrt() * noise - (1 - abar).sqrt() * z0
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=self.cfg.bf16):
                 pred = self.unet(zt, t, ctx).sample.float()
             snr = abar / (1 - abar).clamp_min(1e-8)
@@ -382,6 +403,20 @@ class Trainer:
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=self.cfg.bf16):
             pred = self.unet(zt, t * 1000, ctx).sample.float()
         return self._reduce(((pred - (noise - z0)) ** 2).mean(1))
+
+    @torch.no_grad()
+    def flow_teacher_v(self, zt: torch.Tensor, abar: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
+        """The flow twin's prediction at the diffusion state z_t = a x0 + s eps (a = sqrt(abar), s = sqrt(1 - abar)),
+        in the v-parametrization. Both processes share their marginals up to a scale: y = z_t / (a + s) is the
+        rectified-flow state (1 - tau) x0 + tau eps at tau = s / (a + s), where the twin predicts u = eps - x0; so
+        x0 = y - tau u, eps = x0 + u and v = a eps - s x0 (survey Part VI: the two parametrizations of one model)."""
+        a, s = abar.sqrt(), (1 - abar).sqrt()
+        tau = s / (a + s)
+        y = zt / (a + s)
+        with torch.autocast(zt.device.type, dtype=torch.bfloat16, enabled=self.cfg.bf16):
+            u = self.teacher(y, tau.flatten() * 1000, ctx).sample.float()
+        x0 = y - tau * u
+        return a * (x0 + u) - s * x0
 
     def _reduce(self, err: torch.Tensor) -> torch.Tensor:
         """Mean of the per-cell error (B x H x W), with the spatially adaptive cell weights and the
@@ -538,7 +573,7 @@ class Trainer:
         """Write the EMA weights in diffusers format (float16 safetensors) under assets/models/."""
         if self.cfg.stage == "weak":
             return self.export_weak()
-        name = name or ("shapesworld" if self.cfg.stage == "text-unet" else "shapesworld-flow")
+        name = name or ("shapesworld-flow" if self.cfg.stage == "flow" else "shapesworld")
         out = asset_path(name)
         unet, te = (m.cpu() for m in self.ema_models())
         tmp = out + ".tmp"
@@ -553,7 +588,7 @@ class Trainer:
         self.tokenizer.save_pretrained(os.path.join(tmp, "tokenizer"))
         self.scheduler.save_pretrained(os.path.join(tmp, "scheduler"))
         self.codec.save_pretrained(os.path.join(tmp, "codec"))
-        if self.cfg.stage == "text-unet" and os.path.isdir(os.path.join(out, WEAK_DIR)):
+        if self.cfg.stage != "flow" and os.path.isdir(os.path.join(out, WEAK_DIR)):
             shutil.copytree(os.path.join(out, WEAK_DIR), os.path.join(tmp, WEAK_DIR))
             if weak_unet_mismatch(tmp):
                 self.log("note: the shipped weak UNet (AutoGuidance) was trained against another text encoder and "
